@@ -1,0 +1,54 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv, install mimkit and the data.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+DATA_DIR ?= .data
+
+.PHONY: demo test test-all setup fashion-mnist test-data bench clean
+
+demo: setup fashion-mnist
+	$(BIN)/mimkit pretrain
+
+test: setup fashion-mnist test-data
+	$(BIN)/python -m pytest -q -ra
+
+test-all: setup fashion-mnist test-data
+	$(BIN)/python -m pytest -q -ra -m "slow or not slow"
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+# Fashion-MNIST ships as Debian's dataset-fashion-mnist (IDX files, read offline).
+fashion-mnist:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST is missing from $(FMNIST_DIR)."; \
+	    echo "Install it with: sudo apt-get install dataset-fashion-mnist"; \
+	    echo "or point mimkit at your copy: mimkit pretrain data.path=/path/to/fashion-mnist"; exit 1; \
+	  fi; \
+	fi
+
+# Small real RGB images for fast tests: CIFAR-10/100 and ImageNet samples inside the foolbox wheel (read, never imported).
+test-data: $(DATA_DIR)/foolbox/.done
+
+$(DATA_DIR)/foolbox/.done:
+	mkdir -p $(DATA_DIR)/wheels $(DATA_DIR)/foolbox
+	$(BIN)/python -m pip download -q --no-deps -d $(DATA_DIR)/wheels foolbox==3.3.4
+	cd $(DATA_DIR)/foolbox && $(CURDIR)/$(BIN)/python -m zipfile -e $(CURDIR)/$(DATA_DIR)/wheels/foolbox-3.3.4-py3-none-any.whl .
+	touch $@
+
+bench: setup fashion-mnist
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) $(DATA_DIR) runs

@@ -1,0 +1,236 @@
+"""Typed run configuration: pydantic models loaded from YAML recipes with `key.sub=value` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the field and what is allowed
+instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field, the value and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+ImageSize = Union[int, tuple[int, int]]
+
+
+class DataConfig(Section):
+    source: Literal["fashion_mnist", "folder", "imagefolder", "torchvision"] = "fashion_mnist"
+    path: str | None = Field(None, description="folder root (folder, imagefolder) or download root (torchvision)")
+    name: str | None = Field(None, description="torchvision dataset class name, e.g. CIFAR10")
+    download: bool = False
+    img_size: ImageSize = 28
+    channels: int | None = Field(None, ge=1, description="input channels; inferred from the data when unset")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="held-out share for the fixed-mask MIM val loss")
+    split_seed: int = 0
+    limit: int | None = Field(None, ge=1, description="use only the first N training images (quick runs, tests)")
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    stats_samples: int = Field(2000, ge=1, description="images sampled to compute mean/std when not given")
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    on_error: Literal["error", "skip"] = Field("error", description="unreadable image: stop, or skip and report")
+    num_workers: int = Field(2, ge=0)
+    pin_memory: bool = False
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"need 0 < min <= max <= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _source_args(self) -> "DataConfig":
+        if self.source in ("folder", "imagefolder") and not self.path:
+            raise ValueError(f"data.path is required for source={self.source!r}")
+        if self.source == "torchvision" and not self.name:
+            raise ValueError("data.name (e.g. CIFAR10) is required for source='torchvision'")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both data.mean and data.std, or neither (then they are computed)")
+        return self
+
+
+class ModelConfig(Section):
+    encoder: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"] = "vit_tiny"
+    patch_size: int = Field(4, ge=1)
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    decoder: Literal["tiny", "small", "base", "mae"] = Field(
+        "small", description="decoder preset: tiny 2x128, small 4x256, base 8x512 (MAE default), mae = base"
+    )
+    decoder_depth: int | None = Field(None, ge=1)
+    decoder_dim: int | None = Field(None, ge=8)
+    decoder_heads: int | None = Field(None, ge=1)
+
+
+class MAEConfig(Section):
+    name: Literal["mae"] = "mae"
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+    norm_pix: bool = True
+
+
+MethodConfig = MAEConfig  # grows into a union discriminated by `name` as methods arrive
+
+
+class OptimConfig(Section):
+    batch_size: int = Field(256, ge=1, description="global batch per optimizer step (all devices, all accumulation)")
+    accumulate: int = Field(1, ge=1, description="gradient accumulation steps per optimizer step")
+    base_lr: float = Field(1.5e-4, gt=0.0, description="lr = base_lr * batch_size / 256")
+    lr: float | None = Field(None, gt=0.0, description="absolute lr; overrides base_lr when set")
+    min_lr: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    epochs: float = Field(10, gt=0, description="training length in epochs (fractions allowed)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of steps with linear lr warmup")
+    clip_grad: float | None = Field(None, gt=0.0)
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
+
+
+class TrainerConfig(Section):
+    accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    devices: int | Literal["auto"] = 1
+    num_nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp", "fsdp", "ddp_spawn"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: str | None = None
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    checkpoint_every_epochs: int | None = Field(1, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+    progress: bool = True
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_alias(cls, v: Any) -> Any:
+        aliases = {"32": "32-true", 32: "32-true", "fp32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed", 16: "16-mixed"}
+        return aliases.get(v, v)
+
+
+class EvalConfig(Section):
+    knn: bool = True
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0.0)
+    knn_limit: int | None = Field(None, ge=1, description="cap on train/test images used for the kNN figure")
+    visualize: bool = True
+    num_images: int = Field(8, ge=1)
+
+
+class PretrainConfig(Section):
+    method: MethodConfig = Field(default_factory=MAEConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`optim.lr=1e-3` -> (['optim', 'lr'], 0.001); the value is read as YAML (numbers, lists, null, bools)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names accepted at `loc` (the parent of an unknown key), for the error message."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        ann = fields[part].annotation
+        current = ann
+    return list(getattr(current, "model_fields", {}))
+
+
+def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(x) for x in e["loc"])
+        field = ".".join(loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(model, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"unknown field '{field}'{hint}; allowed: {', '.join(allowed)}")
+        else:
+            value = e.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            lines.append(f"field '{field}': {e['msg']}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def build_config(model: type[BaseModel], tree: dict) -> BaseModel:
+    try:
+        return model.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, model)) from None
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), model: type[BaseModel] = PretrainConfig
+):
+    """Read a YAML recipe (optional), apply `key=value` overrides, validate. Raises ConfigError."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        tree = loaded or {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys == ["method"] and isinstance(value, str):
+            # `method=<name>` switches method: the old method's settings do not apply to the new one
+            value = {"name": value}
+        _set(tree, keys, value)
+    return build_config(model, tree)
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

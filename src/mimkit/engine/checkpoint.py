@@ -1,0 +1,112 @@
+"""Checkpoint files: written atomically, read without executing code, turned back into a method.
+
+Layout of a mimkit checkpoint (a dict saved with torch.save, holding only tensors and plain values):
+  format: "mimkit-checkpoint", version: 1
+  config: PretrainConfig as a plain dict
+  data:   {"img_size": [H, W], "channels": C, "mean": [...], "std": [...]}
+  model:  the method's state dict (encoder.* are timm-compatible ViT weights)
+  optimizer, progress, ... : training state, present in checkpoints written by the engine
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "mimkit-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call `write(tmp_path)`, then rename into place: readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a mimkit checkpoint on the CPU with `weights_only=True`: a file whose pickle would run code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain values, and loading it "
+            f"could execute code ({str(err).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a mimkit checkpoint (no format={FORMAT!r} marker); "
+            f"to import facebookresearch/mae weights use `mimkit.interop` (mimkit import-mae)"
+        )
+    if ckpt.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer mimkit (format version {ckpt['version']} > {VERSION})")
+    return ckpt
+
+
+def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None:
+    """load_state_dict that explains a mismatch: missing, unexpected and wrongly shaped keys, by name."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(own[k].shape) != tuple(state[k].shape)
+    )
+    if missing or unexpected or shapes:
+        def show(items):
+            return ", ".join(items[:12]) + (f" ... (+{len(items) - 12} more)" if len(items) > 12 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {show(shapes)}")
+        raise CheckpointError(f"weights in {source} do not fit this architecture; " + "; ".join(parts))
+    module.load_state_dict(state)
+
+
+def method_from_checkpoint(path: str | Path):
+    """(method, config, checkpoint dict) with the method's weights loaded, on the CPU, in eval mode."""
+    from mimkit.config import PretrainConfig, build_config
+    from mimkit.methods import build_method
+
+    ckpt = load_checkpoint(path)
+    cfg = build_config(PretrainConfig, ckpt["config"])
+    data = ckpt["data"]
+    method = build_method(cfg, tuple(data["img_size"]), int(data["channels"]))
+    load_state_strict(method, ckpt["model"], str(path))
+    method.eval()
+    return method, cfg, ckpt

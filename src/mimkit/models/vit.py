@@ -1,0 +1,135 @@
+"""ViT encoder on timm blocks, with timm's parameter names so weights load into `timm.create_model`.
+
+Differences from timm's VisionTransformer are only in what `forward` accepts: the encoder can run on a
+subset of patch tokens (MAE's visible-only encoding). Position embeddings are fixed 2-D sin-cos, stored
+as a frozen `pos_embed` parameter of shape [1, 1 + N, D] (class-token row zero), exactly timm's layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+from mimkit.models.patch import PatchGrid, to_2tuple
+from mimkit.models.pos_embed import sincos_2d
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    timm_name: str  # a registered timm architecture with these widths; size/patch/channels are overridden
+
+
+VIT_PRESETS: dict[str, ViTSpec] = {
+    "vit_tiny": ViTSpec(192, 12, 3, "vit_tiny_patch16_224"),
+    "vit_small": ViTSpec(384, 12, 6, "vit_small_patch16_224"),
+    "vit_base": ViTSpec(768, 12, 12, "vit_base_patch16_224"),
+    "vit_large": ViTSpec(1024, 24, 16, "vit_large_patch16_224"),
+    "vit_huge": ViTSpec(1280, 32, 16, "vit_huge_patch14_224"),
+}
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        timm_name: str = "vit_base_patch16_224",
+    ):
+        super().__init__()
+        self.grid = PatchGrid.make(img_size, patch_size, in_chans)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.timm_name = timm_name
+        self.mlp_ratio = mlp_ratio
+        self.patch_embed = PatchEmbed(self.grid.img_size, self.grid.patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        pos = sincos_2d(embed_dim, self.grid.shape, cls_token=True)[None]
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(
+            *[
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=norm_layer)
+                for i in range(depth)
+            ]
+        )
+        self.norm = norm_layer(embed_dim)
+        init_mae_weights(self)
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like a Linear layer, as in MAE
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    @classmethod
+    def from_preset(cls, name: str, img_size, patch_size, in_chans: int, drop_path_rate: float = 0.0):
+        if name not in VIT_PRESETS:
+            raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(VIT_PRESETS)}")
+        s = VIT_PRESETS[name]
+        return cls(img_size, patch_size, in_chans, s.embed_dim, s.depth, s.num_heads,
+                   drop_path_rate=drop_path_rate, timm_name=s.timm_name)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def timm_kwargs(self) -> dict:
+        """Arguments that make `timm.create_model(self.timm_name, **kwargs)` this architecture."""
+        return dict(
+            img_size=list(self.grid.img_size), patch_size=list(to_2tuple(self.grid.patch_size)),
+            in_chans=self.grid.in_chans, embed_dim=self.embed_dim, depth=self.depth,
+            num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, num_classes=0, global_pool="token",
+        )
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with position embeddings: [B, N, D]."""
+        return self.patch_embed(images) + self.pos_embed[:, 1:, :]
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prepend the class token to already-embedded patch tokens [B, T, D], run blocks and norm."""
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls, tokens], dim=1)
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 1 + T, D]: all patches (T = N, as timm's forward_features) or only `ids_keep` (Long[B, V])."""
+        tokens = self.embed(images)
+        if ids_keep is not None:
+            tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return self.forward_tokens(tokens)
+
+    forward_features = forward
+
+
+def pool(features: torch.Tensor, kind: str = "cls") -> torch.Tensor:
+    """Image features from encoder output [B, 1 + N, D]: class token, or mean of patch tokens."""
+    if kind == "cls":
+        return features[:, 0]
+    if kind == "mean":
+        return features[:, 1:].mean(dim=1)
+    raise ValueError(f"unknown pooling {kind!r}; choose 'cls' or 'mean'")

@@ -1,0 +1,3 @@
+from mimkit.targets.pixel import PixelTarget
+
+__all__ = ["PixelTarget"]
