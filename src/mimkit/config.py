@@ -68,7 +68,7 @@ class ModelConfig(Section):
     patch_size: int = Field(4, ge=1)
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     decoder: Literal["tiny", "small", "base", "mae"] = Field(
-        "small", description="decoder preset: tiny 2x128, small 4x256, base 8x512 (MAE default), mae = base"
+        "tiny", description="decoder preset (depth x width): tiny 2x128, small 4x256, base = mae 8x512 (MAE's own)"
     )
     decoder_depth: int | None = Field(None, ge=1)
     decoder_dim: int | None = Field(None, ge=8)

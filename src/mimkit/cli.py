@@ -1,0 +1,198 @@
+"""`mimkit` command line: pretrain, eval, visualize, export, info, import-mae.
+
+Heavy imports happen inside the commands so `mimkit --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_RECIPE = "the built-in default (MAE ViT-Tiny/4 on Fashion-MNIST)"
+
+
+def _cmd_pretrain(args) -> int:
+    from mimkit.config import load_config, to_yaml
+    from mimkit.engine import train
+    from mimkit.pipeline import has_labels, knn_evaluation, save_reconstructions, write_json
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    result = train(cfg, resume=args.resume)
+    if not result.is_global_zero:
+        return 0
+    run_dir = Path(result.run_dir)
+    summary = {"run_dir": str(run_dir), **{k: v for k, v in result.metrics.items()}}
+    method, data = result.method.cpu().eval(), result.data
+    if cfg.eval.visualize:
+        path = save_reconstructions(method, cfg, data.mean, data.std, run_dir / "reconstruction.png", cfg.eval.num_images)
+        if path:
+            summary["reconstruction"] = str(path)
+            print(f"reconstructions: {path}")
+    if cfg.eval.knn:
+        if has_labels(cfg.data):
+            knn = knn_evaluation(method, cfg, data.mean, data.std, limit=cfg.eval.knn_limit)
+            summary.update(knn)
+            print(f"kNN top-1 on the {cfg.data.source} test split (k={knn['knn_k']}, T={knn['knn_temperature']}, "
+                  f"{knn['bank_size']} bank / {knn['queries']} queries): {100 * knn['knn_top1']:.2f}%")
+        else:
+            print(f"kNN skipped: data.source={cfg.data.source!r} has no labels "
+                  f"(run `mimkit eval {run_dir}/checkpoints/last.ckpt data.source=imagefolder data.path=DIR`)")
+    write_json(run_dir / "results.json", summary)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _load(ckpt: str):
+    from mimkit.engine.checkpoint import method_from_checkpoint
+
+    path = Path(ckpt)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    return method_from_checkpoint(path)
+
+
+def _data_overrides(cfg, overrides: list[str]):
+    """Apply `data.*` / `eval.*` overrides to a checkpoint's config (to evaluate or draw on other images)."""
+    from mimkit.config import PretrainConfig, build_config, parse_override, _set
+
+    if not overrides:
+        return cfg
+    tree = cfg.model_dump(mode="json")
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys[0] not in ("data", "eval"):
+            raise SystemExit(f"error: only data.* and eval.* can be overridden here, not {item!r}")
+        _set(tree, keys, value)
+    return build_config(PretrainConfig, tree)
+
+
+def _cmd_eval(args) -> int:
+    from mimkit.pipeline import knn_evaluation, write_json
+
+    method, cfg, ckpt = _load(args.checkpoint)
+    cfg = _data_overrides(cfg, args.overrides)
+    if args.protocol != "knn":
+        raise SystemExit(f"error: protocol {args.protocol!r} is not available yet; available: knn")
+    mean, std = ckpt["data"]["mean"], ckpt["data"]["std"]
+    res = knn_evaluation(method, cfg, mean, std, limit=cfg.eval.knn_limit, pool=args.pool)
+    print(f"kNN top-1: {100 * res['knn_top1']:.2f}% (k={res['knn_k']}, T={res['knn_temperature']}, pool={args.pool}, "
+          f"{res['bank_size']} bank / {res['queries']} queries)")
+    if args.json:
+        write_json(args.json, res)
+    return 0
+
+
+def _cmd_visualize(args) -> int:
+    from mimkit.pipeline import save_reconstructions
+
+    method, cfg, ckpt = _load(args.checkpoint)
+    cfg = _data_overrides(cfg, args.overrides)
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "reconstruction.png"
+    path = save_reconstructions(method, cfg, ckpt["data"]["mean"], ckpt["data"]["std"], out, args.num_images)
+    if path is None:
+        raise SystemExit(f"error: method {cfg.method.name!r} predicts no pixels to draw")
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from mimkit.interop import export_checkpoint
+
+    ckpt = Path(args.checkpoint)
+    if ckpt.is_dir():
+        ckpt = ckpt / "checkpoints" / "last.ckpt"
+    out = Path(args.out) if args.out else ckpt.resolve().parent.parent / f"export-{args.format}"
+    path = export_checkpoint(ckpt, out, args.format)
+    print(f"exported {args.format} weights to {path}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from mimkit.interop import checkpoint_info, format_info
+
+    ckpt = Path(args.checkpoint)
+    if ckpt.is_dir():
+        ckpt = ckpt / "checkpoints" / "last.ckpt"
+    print(format_info(checkpoint_info(ckpt)))
+    return 0
+
+
+def _cmd_import_mae(args) -> int:
+    from mimkit.interop import import_mae_checkpoint
+
+    path = import_mae_checkpoint(args.source, args.out)
+    print(f"wrote mimkit checkpoint {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling: pretrain, evaluate, look, export.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("pretrain", help="pretrain an encoder (default: MAE ViT-Tiny/4 on Fashion-MNIST)")
+    s.add_argument("--config", help=f"YAML recipe (default: {DEFAULT_RECIPE})")
+    s.add_argument("--resume", help="checkpoint or run folder to continue, or 'auto' (last.ckpt of this run)")
+    s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=5 method=mae")
+    s.set_defaults(func=_cmd_pretrain)
+
+    s = sub.add_parser("eval", help="evaluate a checkpoint's encoder")
+    s.add_argument("checkpoint", help="checkpoint file or run folder")
+    s.add_argument("--protocol", default="knn", help="evaluation protocol (knn)")
+    s.add_argument("--pool", default="cls", choices=["cls", "mean"], help="image feature: class token or mean patch")
+    s.add_argument("--json", help="also write the result to this JSON file")
+    s.add_argument("overrides", nargs="*", help="data.* / eval.* overrides, e.g. data.source=imagefolder data.path=DIR")
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("visualize", help="picture: original | masked | reconstruction | reconstruction + visible")
+    s.add_argument("checkpoint", help="checkpoint file or run folder")
+    s.add_argument("--out", help="PNG path (default: reconstruction.png beside the checkpoint)")
+    s.add_argument("--num-images", type=int, default=8)
+    s.add_argument("overrides", nargs="*", help="data.* overrides, to draw other images")
+    s.set_defaults(func=_cmd_visualize)
+
+    s = sub.add_parser("export", help="write weights as safetensors + config for timm, Hugging Face or MAE's code")
+    s.add_argument("checkpoint", help="checkpoint file or run folder")
+    s.add_argument("--format", required=True, choices=["timm", "hf", "mae"])
+    s.add_argument("--out", help="output folder (default: <run>/export-<format>)")
+    s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("info", help="describe a checkpoint")
+    s.add_argument("checkpoint", help="checkpoint file or run folder")
+    s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("import-mae", help="convert a facebookresearch/mae checkpoint into a mimkit checkpoint")
+    s.add_argument("source", help="their .pth (loaded with weights_only=True) or .safetensors")
+    s.add_argument("--out", required=True, help="mimkit checkpoint to write")
+    s.set_defaults(func=_cmd_import_mae)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mimkit.config import ConfigError
+    from mimkit.engine.checkpoint import CheckpointError
+
+    known = (ConfigError, CheckpointError, FileNotFoundError)
+    try:
+        from mimkit.data import DataError
+
+        known = known + (DataError,)
+    except ImportError:
+        pass
+    try:
+        return int(args.func(args) or 0)
+    except known as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+import math
+
+import timm
+import torch
+
+from mimkit.models import VisionTransformer
+from mimkit.models.pos_embed import sincos_2d
+
+
+def test_parameter_names_and_shapes_match_timm():
+    ours = VisionTransformer.from_preset("vit_tiny", (24, 32), 4, 5)
+    theirs = timm.create_model(ours.timm_name, pretrained=False, **ours.timm_kwargs())
+    a = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert a == b
+
+
+def test_visible_only_forward_equals_encoding_the_gathered_tokens():
+    torch.manual_seed(0)
+    enc = VisionTransformer(16, 4, 3, embed_dim=32, depth=2, num_heads=2).eval()
+    x = torch.randn(2, 3, 16, 16)
+    keep = torch.tensor([[0, 5, 9], [15, 1, 2]])
+    out = enc(x, ids_keep=keep)
+    tokens = enc.embed(x)
+    manual = enc.forward_tokens(torch.stack([tokens[0, keep[0]], tokens[1, keep[1]]]))
+    assert out.shape == (2, 4, 32)
+    torch.testing.assert_close(out, manual)
+    # with all patches it is a plain ViT over 1 + N tokens
+    assert enc(x).shape == (2, 17, 32)
+
+
+def test_position_embeddings_are_fixed_sincos():
+    enc = VisionTransformer(16, 4, 1, embed_dim=32, depth=1, num_heads=2)
+    assert not enc.pos_embed.requires_grad
+    assert torch.equal(enc.pos_embed[0, 0], torch.zeros(32))
+    pe = sincos_2d(32, (2, 3))
+    # first half encodes the column, second half the row: patch (row 1, col 2) is index 5
+    omega0 = 1.0
+    assert math.isclose(pe[5, 0].item(), math.sin(2 * omega0), abs_tol=1e-6)
+    assert math.isclose(pe[5, 16].item(), math.sin(1 * omega0), abs_tol=1e-6)
+    assert math.isclose(pe[5, 8].item(), math.cos(2 * omega0), abs_tol=1e-6)

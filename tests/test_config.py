@@ -1,0 +1,62 @@
+import pytest
+
+from mimkit.config import ConfigError, PretrainConfig, load_config, to_yaml
+
+
+def test_defaults_are_the_demo_recipe():
+    cfg = load_config()
+    assert cfg.method.name == "mae" and cfg.model.encoder == "vit_tiny" and cfg.model.patch_size == 4
+    assert cfg.data.source == "fashion_mnist"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(overrides=["optim.base_lr=3e-4", "data.img_size=[32, 48]", "trainer.precision=bf16", "data.mean=null", "optim.clip_grad=1"])
+    assert cfg.optim.base_lr == 3e-4 and cfg.data.img_size == (32, 48)
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.optim.clip_grad == 1.0
+
+
+def test_unknown_key_names_the_field_and_suggests():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["optim.base_lrr=1e-3"])
+    msg = str(err.value)
+    assert "optim.base_lrr" in msg and "did you mean 'base_lr'" in msg and "allowed:" in msg
+
+
+def test_bad_value_names_the_field_and_value():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["method.mask_ratio=1.5"])
+    assert "method.mask_ratio" in str(err.value) and "1.5" in str(err.value)
+    with pytest.raises(ConfigError, match="model.encoder"):
+        load_config(overrides=["model.encoder=vit_gigantic"])
+    with pytest.raises(ConfigError, match="data.path is required"):
+        load_config(overrides=["data.source=folder"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(overrides=["optim.lr"])
+
+
+def test_yaml_round_trip_and_file_errors(tmp_path):
+    cfg = load_config(overrides=["optim.epochs=3"])
+    path = tmp_path / "r.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_method_switch_resets_method_section():
+    cfg = load_config(overrides=["method.mask_ratio=0.5", "method=mae"])
+    assert cfg.method.mask_ratio == 0.75
+    with pytest.raises(ConfigError, match="method"):
+        load_config(overrides=["method=nonexistent"])
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert recipes, "configs/ holds no recipe"
+    for path in recipes:
+        assert isinstance(load_config(path), PretrainConfig)
