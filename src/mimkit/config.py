@@ -34,7 +34,7 @@ class DataConfig(Section):
     channels: int | None = Field(None, ge=1, description="input channels; inferred from the data when unset")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="held-out share for the fixed-mask MIM val loss")
     split_seed: int = 0
-    limit: int | None = Field(None, ge=1, description="use only the first N training images (quick runs, tests)")
+    limit: int | None = Field(None, ge=1, description="use N training images: a fixed seeded subset taken after the val split (quick runs)")
     mean: list[float] | None = None
     std: list[float] | None = None
     stats_samples: int = Field(2000, ge=1, description="images sampled to compute mean/std when not given")
@@ -52,6 +52,27 @@ class DataConfig(Section):
             raise ValueError(f"need 0 < min <= max <= 1, got {v}")
         return v
 
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"need 0 < min <= max (aspect ratios w/h), got {v}")
+        return v
+
+    @field_validator("img_size")
+    @classmethod
+    def _size_ok(cls, v):
+        if (v if isinstance(v, int) else min(v)) < 1:
+            raise ValueError(f"image size must be positive, got {v}")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _std_ok(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(not s > 0 for s in v):
+            raise ValueError(f"every std must be > 0, got {v}")
+        return v
+
     @model_validator(mode="after")
     def _source_args(self) -> "DataConfig":
         if self.source in ("folder", "imagefolder") and not self.path:
@@ -60,6 +81,10 @@ class DataConfig(Section):
             raise ValueError("data.name (e.g. CIFAR10) is required for source='torchvision'")
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both data.mean and data.std, or neither (then they are computed)")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"data.mean has {len(self.mean)} values but data.std has {len(self.std)}")
+        if self.mean is not None and self.channels is not None and len(self.mean) != self.channels:
+            raise ValueError(f"data.mean/data.std have {len(self.mean)} values but data.channels={self.channels}")
         return self
 
 
@@ -93,7 +118,7 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.05, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
     epochs: float = Field(10, gt=0, description="training length in epochs (fractions allowed)")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    max_steps: int | None = Field(None, ge=1, description="run length in optimizer steps; overrides epochs when set")
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of steps with linear lr warmup")
     clip_grad: float | None = Field(None, gt=0.0)
 
@@ -113,6 +138,11 @@ class TrainerConfig(Section):
     run_name: str | None = None
     checkpoint_every_steps: int | None = Field(None, ge=1)
     checkpoint_every_epochs: int | None = Field(1, ge=1)
+    keep_epoch_checkpoints: bool = Field(False, description="also keep checkpoints/epoch_NNNN.ckpt at epoch checkpoints")
+    stop_after_steps: int | None = Field(
+        None, ge=1, description="end the run early after this many optimizer steps (checkpointed, resumable); "
+        "the lr schedule still spans the full run"
+    )
     log_every_steps: int = Field(10, ge=1)
     progress: bool = True
 

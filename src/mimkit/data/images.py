@@ -1,0 +1,276 @@
+"""Decoding image files into ``[C, H, W]`` tensors with a fixed channel count.
+
+Natural channel counts (what ``data.channels=None`` infers):
+
+* 1: PIL modes ``1``, ``L``, ``LA`` (alpha dropped), ``I;16*``, ``I``, ``F``;
+* 3: ``RGB``, ``RGBA``/``RGBX``/``RGBa`` (alpha dropped), ``P``/``PA`` (palette -> RGB), ``CMYK``, ``YCbCr``,
+  ``LAB``, ``HSV`` (converted to RGB by Pillow);
+* TIFF (``.tif``/``.tiff``) with tifffile installed and a grey-scale/RGB photometric: every band, any bit
+  depth (multispectral); RGB + extra sample drops the alpha. Other TIFFs (palette, CMYK, YCbCr, JPEG-in-TIFF
+  that tifffile cannot decode) go through Pillow.
+
+Value scaling: 8-bit stays ``uint8`` (the transforms divide by 255); other integer data is divided by its
+dtype's maximum (16-bit -> /65535; PIL's 32-bit ``I`` mode, which Pillow uses for 16-bit PNGs, -> /65535
+clipped); float data is taken as already in [0, 1].
+
+Forced conversion (``data.channels``): 1 -> N replicates; RGB -> 1 uses ITU-R 601 luma
+(0.299 R + 0.587 G + 0.114 B, as Pillow's ``convert("L")``); anything else is a DataError naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mimkit.data.errors import DataError
+
+try:  # optional: multi-band and high-bit-depth TIFF
+    import tifffile
+except ImportError:  # pragma: no cover - depends on the environment
+    tifffile = None
+
+# files that commonly sit next to images; recorded as "ignored" in the report instead of being decoded
+SIDE_FILE_SUFFIXES = frozenset({".txt", ".csv", ".json", ".jsonl", ".md", ".yaml", ".yml", ".xml", ".ini",
+                                ".log", ".db", ".pkl", ".pickle", ".py", ".html", ".htm", ".zip", ".tar", ".gz"})
+TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+
+_ONE = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I;16LS", "I;16BS"}
+_RGB_KEEP = {"RGB"}
+_LUMA = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(3, 1, 1)
+
+
+@dataclass
+class ImageInfo:
+    channels: int
+    size: tuple[int, int]  # (H, W)
+    reader: str  # "pil" or "tifffile"
+
+
+def natural_channels(mode: str) -> int:
+    return 1 if mode in _ONE else 3
+
+
+# ------------------------------------------------------------------------------------------ array -> tensor
+
+
+def array_to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """[C, H, W] numpy array -> uint8 tensor (8-bit) or float32 tensor in [0, 1]."""
+    if arr.dtype == np.uint8:
+        if not (arr.flags.writeable and arr.flags.c_contiguous):
+            arr = np.array(arr, copy=True, order="C")
+        return torch.from_numpy(arr)
+    if arr.dtype == np.bool_:
+        return torch.from_numpy(arr.astype(np.float32))
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        x = arr.astype(np.float32) / float(info.max)
+        return torch.from_numpy(np.clip(x, 0.0, 1.0))
+    if np.issubdtype(arr.dtype, np.floating):
+        return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True, order="C"))
+    raise TypeError(f"unsupported pixel type {arr.dtype}")
+
+
+def convertible(have: int, want: int) -> bool:
+    return have == want or have == 1 or (have == 3 and want == 1)
+
+
+def convert_channels(x: torch.Tensor, channels: int | None, name: str = "image", strict: bool = True) -> torch.Tensor:
+    """Force a [C, H, W] tensor to `channels` (None: unchanged). 1 -> N replicate, 3 -> 1 luma; else error."""
+    if x.ndim == 2:
+        x = x.unsqueeze(0)
+    if x.ndim != 3:
+        raise DataError(f"{name}: expected an image [C, H, W], got shape {tuple(x.shape)}")
+    c = x.shape[0]
+    if channels is None or c == channels:
+        return x
+    if c == 1:
+        return x.expand(channels, -1, -1).contiguous()
+    if c == 3 and channels == 1:
+        dtype = x.dtype
+        y = (x.to(torch.float32) * _LUMA).sum(0, keepdim=True)
+        return y.round_().clamp_(0, 255).to(torch.uint8) if dtype == torch.uint8 else y
+    raise DataError(f"{name}: cannot convert an image with {c} channel(s) to data.channels={channels} "
+                    "(only 1 -> N replication and RGB -> 1 luminance are defined)")
+
+
+def image_from_pil(im: Image.Image, channels: int | None, name: str = "image") -> torch.Tensor:
+    """A PIL image -> [C, H, W] tensor with the natural channel count, then forced to `channels`."""
+    mode = im.mode
+    if mode in ("1", "L"):
+        im = im.convert("L")
+    elif mode in ("LA", "La"):
+        im = im.getchannel(0)
+    elif mode.startswith("I;16"):
+        arr = np.asarray(im)
+        arr = arr.astype(np.uint16) if arr.dtype != np.uint16 else arr
+        return convert_channels(array_to_tensor(arr[None]), channels, name)
+    elif mode == "I":
+        arr = np.clip(np.asarray(im, dtype=np.float64) / 65535.0, 0.0, 1.0).astype(np.float32)
+        return convert_channels(torch.from_numpy(arr[None]), channels, name)
+    elif mode == "F":
+        return convert_channels(torch.from_numpy(np.asarray(im, dtype=np.float32)[None].copy()), channels, name)
+    elif channels == 1 and natural_channels(mode) == 3:
+        im = im.convert("RGB").convert("L")  # Pillow's luma, same weights as convert_channels
+        return array_to_tensor(np.asarray(im)[None])
+    elif mode != "RGB":
+        im = im.convert("RGBA").convert("RGB") if mode in ("P", "PA") else im.convert("RGB")
+    arr = np.asarray(im)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return convert_channels(array_to_tensor(arr), channels, name)
+
+
+# ------------------------------------------------------------------------------------------ TIFF via tifffile
+
+
+def _tiff_layout(tf) -> tuple[str, tuple[int, ...], bool]:
+    """(axes, shape, drop_alpha) of the first series, or raise ValueError when Pillow should handle it."""
+    page = tf.pages[0]
+    photometric = int(page.photometric)
+    P = tifffile.PHOTOMETRIC
+    if photometric not in (int(P.MINISBLACK), int(P.MINISWHITE), int(P.RGB)):
+        raise ValueError(f"photometric {page.photometric!r} left to Pillow")
+    series = tf.series[0]
+    axes, shape = series.axes, tuple(series.shape)
+    if "Y" not in axes or "X" not in axes:
+        raise ValueError(f"cannot find image axes in TIFF axes {axes!r}")
+    extra = [(a, n) for a, n in zip(axes, shape) if a not in "YX" and n > 1]
+    if len(extra) > 1:
+        raise ValueError(f"TIFF has several non-spatial axes {axes!r} {shape}; expected one band axis")
+    drop_alpha = photometric == int(P.RGB) and extra and extra[0][1] == 4
+    return axes, shape, bool(drop_alpha)
+
+
+def _tiff_channels(axes: str, shape: tuple[int, ...], drop_alpha: bool) -> int:
+    c = 1
+    for a, n in zip(axes, shape):
+        if a not in "YX":
+            c *= n
+    return c - 1 if drop_alpha else c
+
+
+class _TiffCorrupt(ValueError):
+    """A TIFF that tifffile parsed but found damaged: reported, never silently read partially by Pillow."""
+
+
+class _TiffProblems(logging.Handler):
+    """tifffile *logs* (instead of raising) when pages are missing or corrupt; treat that as a failure."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _strict_tifffile():
+    log = logging.getLogger("tifffile")
+    handler = _TiffProblems()
+    log.addHandler(handler)
+    propagate, log.propagate = log.propagate, False
+    try:
+        yield
+    except _TiffCorrupt:
+        raise
+    except Exception as err:
+        if handler.messages:
+            raise _TiffCorrupt("corrupt or truncated TIFF: " + "; ".join(dict.fromkeys(handler.messages))) from err
+        raise
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+    if handler.messages:
+        raise _TiffCorrupt("corrupt or truncated TIFF: " + "; ".join(dict.fromkeys(handler.messages)))
+
+
+def _read_tiff(path: Path) -> torch.Tensor:
+    with _strict_tifffile(), tifffile.TiffFile(path) as tf:
+        _ = len(tf.pages)  # walk the page chain first: missing pages are logged -> _TiffCorrupt
+        axes, shape, drop_alpha = _tiff_layout(tf)
+        try:
+            arr = tf.series[0].asarray()
+        except KeyError:  # a codec tifffile lacks (needs imagecodecs): let Pillow try
+            raise
+        except Exception as err:  # noqa: BLE001 - tifffile parsed the file, so the data is damaged
+            if "imagecodecs" in str(err):
+                raise
+            raise _TiffCorrupt(f"{type(err).__name__}: {err}") from err
+        minis_white = int(tf.pages[0].photometric) == int(tifffile.PHOTOMETRIC.MINISWHITE)
+    if arr.size != int(np.prod(shape)):
+        raise _TiffCorrupt(f"TIFF data holds {arr.size} values, expected {shape}")
+    arr = arr.reshape(shape)
+    y, x = axes.index("Y"), axes.index("X")
+    rest = [k for k in range(arr.ndim) if k not in (y, x)]
+    arr = arr.transpose(*rest, y, x).reshape(-1, shape[y], shape[x])
+    if drop_alpha:
+        arr = arr[:3]
+    if minis_white and np.issubdtype(arr.dtype, np.integer):
+        arr = np.iinfo(arr.dtype).max - arr
+    return array_to_tensor(arr)
+
+
+# ------------------------------------------------------------------------------------------ public helpers
+
+
+def probe_image(path: str | Path) -> ImageInfo:
+    """Read only the header: channel count and size. Raises DataError (cause attached) if unreadable."""
+    path = Path(path)
+    tiff_err = None
+    if tifffile is not None and path.suffix.lower() in TIFF_SUFFIXES:
+        try:
+            with _strict_tifffile(), tifffile.TiffFile(path) as tf:
+                _ = len(tf.pages)  # walk the page chain: missing pages are logged -> _TiffCorrupt
+                axes, shape, drop_alpha = _tiff_layout(tf)
+            return ImageInfo(_tiff_channels(axes, shape, drop_alpha),
+                             (shape[axes.index("Y")], shape[axes.index("X")]), "tifffile")
+        except _TiffCorrupt as err:
+            raise DataError(f"cannot open image {path}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - fall back to Pillow, keep the reason
+            tiff_err = err
+    try:
+        with Image.open(path) as im:
+            mode, (w, h) = im.mode, im.size
+    except Exception as err:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError, ...
+        reason = f"{type(err).__name__}: {err}"
+        if tiff_err is not None:
+            reason += f" (tifffile: {type(tiff_err).__name__}: {tiff_err})"
+        raise DataError(f"cannot open image {path}: {reason}") from RuntimeError(reason)
+    return ImageInfo(natural_channels(mode), (h, w), "pil")
+
+
+def load_image(path: str | Path, channels: int | None) -> torch.Tensor:
+    """Decode a file into [C, H, W] (uint8 or float in [0, 1]) with `channels` channels.
+
+    Raises DataError naming the file (with the reason as ``__cause__``) when it cannot be decoded or
+    converted; a file whose channel count differs from a fixed `channels` is converted when a conversion is
+    defined (see module docs).
+    """
+    path = Path(path)
+    tiff_err = None
+    if tifffile is not None and path.suffix.lower() in TIFF_SUFFIXES:
+        try:
+            x = _read_tiff(path)
+        except _TiffCorrupt as err:
+            raise DataError(f"cannot decode image {path}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - e.g. a codec tifffile lacks: let Pillow try
+            tiff_err = err
+        else:
+            return convert_channels(x, channels, str(path))
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return image_from_pil(im, channels, str(path))
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - truncated data, bad header, decoder errors
+        reason = f"{type(err).__name__}: {err}"
+        if tiff_err is not None:
+            reason += f" (tifffile: {type(tiff_err).__name__}: {tiff_err})"
+        raise DataError(f"cannot decode image {path}: {reason}") from RuntimeError(reason)

@@ -1,0 +1,153 @@
+"""Export a mimkit MAE checkpoint as a timm model folder, a transformers ViTMAE folder or MAE's reference layout.
+
+Every output is a folder with `model.safetensors` and `config.json`; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mimkit.engine.checkpoint import CheckpointError, method_from_checkpoint
+from mimkit.interop import keymaps
+from mimkit.interop.io import CONFIG_NAME, WEIGHTS_NAME, write_json, write_safetensors
+
+FORMATS = ("timm", "hf", "mae")
+
+
+class ExportError(CheckpointError):
+    """The checkpoint cannot be written in the requested format; the message says what does not fit."""
+
+
+def _state(method) -> dict:
+    return {k: v.detach().cpu() for k, v in method.state_dict().items()}
+
+
+def _timm_config(method, data: dict) -> dict:
+    enc = method.encoder
+    c, (h, w) = enc.grid.in_chans, enc.grid.img_size
+    return {
+        "architecture": enc.timm_name,
+        "num_classes": 0,
+        "num_features": enc.embed_dim,
+        "global_pool": "token",
+        "model_args": enc.timm_kwargs(),
+        "pretrained_cfg": {
+            "tag": "mimkit_mae",
+            "input_size": [c, h, w],
+            "fixed_input_size": True,
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": list(data["mean"]),
+            "std": list(data["std"]),
+            "num_classes": 0,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+
+
+def hf_config_dict(method, cfg) -> dict:
+    """transformers.ViTMAEConfig arguments for this MAE; raises ExportError for what ViTMAE cannot express."""
+    enc, dec = method.encoder, method.decoder
+    (h, w), (ph, pw) = enc.grid.img_size, enc.grid.patch_size
+    if h != w:
+        raise ExportError(
+            f"transformers ViTMAE needs a square image size, this model uses {h}x{w} "
+            f"(ViTMAEForPreTraining's patchify and position embeddings assume square inputs); export to timm or mae instead"
+        )
+    if ph != pw:
+        raise ExportError(f"transformers ViTMAE needs a square patch size, this model uses {ph}x{pw}")
+    dec_block = dec.blocks[0] if len(dec.blocks) else None
+    return {
+        "architectures": ["ViTMAEForPreTraining"],
+        "model_type": "vit_mae",
+        "hidden_size": enc.embed_dim,
+        "num_hidden_layers": enc.depth,
+        "num_attention_heads": enc.num_heads,
+        "intermediate_size": enc.blocks[0].mlp.fc1.out_features,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-6,
+        "image_size": h,
+        "patch_size": ph,
+        "num_channels": enc.grid.in_chans,
+        "qkv_bias": True,
+        "decoder_num_attention_heads": dec_block.attn.num_heads if dec_block is not None else 1,
+        "decoder_hidden_size": dec.embed.out_features,
+        "decoder_num_hidden_layers": len(dec.blocks),
+        "decoder_intermediate_size": dec_block.mlp.fc1.out_features if dec_block is not None else 4 * dec.embed.out_features,
+        "mask_ratio": float(cfg.method.mask_ratio),
+        "norm_pix_loss": bool(cfg.method.norm_pix),
+    }
+
+
+def _hf_preprocessor(method, data: dict) -> dict:
+    h, w = method.encoder.grid.img_size
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": h, "width": w},
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(data["mean"]),
+        "image_std": list(data["std"]),
+    }
+
+
+def _mae_config(method, cfg, data: dict) -> dict:
+    enc, dec = method.encoder, method.decoder
+    return {
+        "layout": "facebookresearch/mae MaskedAutoencoderViT",
+        "img_size": list(enc.grid.img_size),
+        "patch_size": list(enc.grid.patch_size),
+        "in_chans": enc.grid.in_chans,
+        "embed_dim": enc.embed_dim,
+        "depth": enc.depth,
+        "num_heads": enc.num_heads,
+        "decoder_embed_dim": dec.embed.out_features,
+        "decoder_depth": len(dec.blocks),
+        "decoder_num_heads": dec.blocks[0].attn.num_heads if len(dec.blocks) else 1,
+        "mlp_ratio": enc.mlp_ratio,
+        "norm_pix_loss": bool(cfg.method.norm_pix),
+        "mask_ratio": float(cfg.method.mask_ratio),
+        "mean": list(data["mean"]),
+        "std": list(data["std"]),
+    }
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "timm") -> Path:
+    """Write the checkpoint's weights to `out_dir` in format `fmt` ("timm", "hf" or "mae"); returns `out_dir`.
+
+    timm: loadable with `timm.create_model("local-dir:<out_dir>", pretrained=True)` (encoder only).
+    hf:   loadable with `transformers.ViTMAEForPreTraining.from_pretrained(out_dir)` (encoder and decoder).
+    mae:  facebookresearch/mae's MaskedAutoencoderViT state dict, plus a config.json describing it.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    method, cfg, ckpt = method_from_checkpoint(ckpt_path)
+    if cfg.method.name != "mae" or not hasattr(method, "decoder"):
+        if fmt != "timm":
+            raise ExportError(f"format {fmt!r} holds an MAE encoder and decoder; method {cfg.method.name!r} has no MAE decoder")
+    data = ckpt["data"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _state(method)
+    meta = {"format": "pt", "source": "mimkit"}
+    if fmt == "timm":
+        write_safetensors(keymaps.mimkit_to_timm(state), out / WEIGHTS_NAME, meta)
+        write_json(_timm_config(method, data), out / CONFIG_NAME)
+    elif fmt == "hf":
+        config = hf_config_dict(method, cfg)  # validate before writing anything
+        write_safetensors(keymaps.mimkit_to_hf(state), out / WEIGHTS_NAME, meta)
+        write_json(config, out / CONFIG_NAME)
+        write_json(_hf_preprocessor(method, data), out / "preprocessor_config.json")
+    else:
+        write_safetensors(keymaps.mimkit_to_mae(state), out / WEIGHTS_NAME, meta)
+        write_json(_mae_config(method, cfg, data), out / CONFIG_NAME)
+    return out
