@@ -5,7 +5,11 @@ Layout of a mimkit checkpoint (a dict saved with torch.save, holding only tensor
   config: PretrainConfig as a plain dict
   data:   {"img_size": [H, W], "channels": C, "mean": [...], "std": [...]}
   model:  the method's state dict (encoder.* are timm-compatible ViT weights)
-  optimizer, progress, ... : training state, present in checkpoints written by the engine
+  optimizer, progress, ... : training state, present in checkpoints written by the engine:
+    optimizer: AdamW state dict; scaler: GradScaler state (16-mixed only);
+    progress: {"global_step", "epoch", "position" (samples of `epoch` consumed, all ranks), "total_steps"};
+    rng: {"torch": ByteTensor, "cuda": [ByteTensor, ...], "python": random.getstate()} of rank 0;
+    metrics: the last logged scalars
 """
 
 from __future__ import annotations
@@ -25,6 +29,40 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
+def commit_file(tmp: str | Path, path: str | Path) -> None:
+    """Make the finished file `tmp` durable, then rename it onto `path` (atomic on POSIX) and sync the folder."""
+    path = Path(path)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def temp_path(path: str | Path) -> Path:
+    """The temporary name a file is written under before `commit_file` (hidden, same folder, `.tmp` suffix).
+
+    Deterministic, so that every process of a distributed run agrees on it.
+    """
+    path = Path(path)
+    return path.parent / f".{path.name}.tmp"
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete temporary files a killed run left behind in `folder` (never a finished checkpoint)."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call `write(tmp_path)`, then rename into place: readers see the old file or the new one, never half."""
     path = Path(path)
@@ -33,14 +71,7 @@ def atomic_write(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        commit_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -110,3 +141,23 @@ def method_from_checkpoint(path: str | Path):
     load_state_strict(method, ckpt["model"], str(path))
     method.eval()
     return method, cfg, ckpt
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file from a file path, a run directory (its checkpoints/last.ckpt) or a checkpoints folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"no checkpoints/last.ckpt in run directory {path}")
+    raise CheckpointError(f"checkpoint not found: {path} (give a .ckpt file, a run directory, or 'auto')")
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run directory a checkpoint belongs to (the parent of its checkpoints/ folder)."""
+    checkpoint = Path(checkpoint)
+    parent = checkpoint.parent
+    return parent.parent if parent.name == "checkpoints" else parent

@@ -1,0 +1,613 @@
+"""The pretraining loop on Lightning Fabric.
+
+One optimizer step consumes `optim.batch_size` images in total, whatever the device count or accumulation:
+per-device batch = batch_size / (world_size * accumulate). The SeededSampler deals each rank its share of
+one global order and hands every image its seed, so one process and N processes see the same images with
+the same crops and masks, and the gradients agree up to floating-point summation order.
+
+Exact resume: a checkpoint holds weights, AdamW state, GradScaler state, RNG states and the progress
+(step, epoch, samples consumed in the epoch). The lr is a pure function of the step, the data order and
+masks are pure functions of (seed, epoch, index), and the global torch RNG (drop path) is re-seeded from
+(seed, rank, step) before every step, so a resumed run repeats the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from mimkit import rng
+from mimkit.config import ConfigError, PretrainConfig, to_yaml
+from mimkit.data.sampler import SeededSampler
+from mimkit.engine import checkpoint as ckpt_io
+from mimkit.engine.metrics import RunLogger
+from mimkit.engine.optim import build_optimizer, lr_at, no_decay_names, set_lr, warmup_steps
+
+VAL_STREAM = 0x7A1D  # the validation masks' seed is rng.combine(trainer.seed, VAL_STREAM): fixed for the run
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; raised before the optimizer step, leaving the last checkpoint intact."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    method: torch.nn.Module          # the unwrapped method (eval mode), on the training device or the CPU
+    metrics: dict                    # final scalars: global_step, epoch, loss, val_loss, images_per_s, ...
+    data: Any                        # the PretrainData the run used (train/val splits, channels, size, mean/std)
+    config: PretrainConfig           # the resolved configuration (run_name, channels, mean, std filled in)
+    checkpoint: Path | None          # checkpoints/last.ckpt
+    history: list[dict] = field(default_factory=list)  # per optimizer step of this process: step, loss, lr
+    fabric: Any = None               # the Fabric object (None after ddp_spawn)
+
+    @property
+    def is_global_zero(self) -> bool:
+        """True in the process that should report, write results and draw pictures (always after ddp_spawn)."""
+        return self.fabric is None or bool(self.fabric.is_global_zero)
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.fabric is None else int(self.fabric.world_size)
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.method.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# setup
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_WORLD_SIZE" in os.environ and "RANK" in os.environ)
+
+
+def make_fabric(tc):
+    """A Fabric for the trainer section. Under torchrun, devices/num_nodes follow the launcher's world."""
+    from lightning.fabric import Fabric
+
+    devices, num_nodes, strategy = tc.devices, tc.num_nodes, tc.strategy
+    if _under_torchrun():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        world = int(os.environ.get("WORLD_SIZE", local))
+        devices, num_nodes = local, max(1, world // local)
+        if strategy == "auto" and world > 1:
+            strategy = "ddp"
+        if strategy == "ddp_spawn":
+            strategy = "ddp"  # torchrun already started the processes
+    if strategy == "fsdp":
+        from lightning.fabric.strategies import FSDPStrategy
+        from timm.models.vision_transformer import Block
+
+        strategy = FSDPStrategy(state_dict_type="full", auto_wrap_policy={Block}, use_orig_params=True)
+    return Fabric(accelerator=tc.accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                  precision=tc.precision)
+
+
+def default_run_prefix(cfg: PretrainConfig) -> str:
+    d = cfg.data
+    if d.source == "torchvision" and d.name:
+        dataset = d.name.lower()
+    elif d.source in ("folder", "imagefolder") and d.path:
+        dataset = Path(d.path).name or d.source
+    else:
+        dataset = d.source.replace("_", "")
+    return f"{cfg.method.name}-{cfg.model.encoder}-{dataset}-"
+
+
+def _new_run_dir(cfg: PretrainConfig) -> Path:
+    out = Path(cfg.trainer.out_dir)
+    if cfg.trainer.run_name:
+        return out / cfg.trainer.run_name
+    base = default_run_prefix(cfg) + time.strftime("%Y%m%d-%H%M%S")
+    path, i = out / base, 1
+    while path.exists():
+        path, i = out / f"{base}-{i}", i + 1
+    return path
+
+
+def resolve_resume(resume: str | os.PathLike | None, cfg: PretrainConfig) -> Path | None:
+    """The checkpoint to resume from: a file, a run dir, or "auto" (last.ckpt of trainer.run_name, or of the
+    newest run under trainer.out_dir with this method/encoder/dataset; None when there is none yet)."""
+    if resume is None or resume == "":
+        return None
+    if str(resume) == "auto":
+        out = Path(cfg.trainer.out_dir)
+        if cfg.trainer.run_name:
+            last = out / cfg.trainer.run_name / "checkpoints" / "last.ckpt"
+            return last if last.is_file() else None
+        prefix = default_run_prefix(cfg)
+        runs = sorted(
+            (p for p in out.glob(prefix + "*") if (p / "checkpoints" / "last.ckpt").is_file()),
+            key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime,
+        )
+        return runs[-1] / "checkpoints" / "last.ckpt" if runs else None
+    return ckpt_io.find_checkpoint(resume)
+
+
+def _resolved_config(cfg: PretrainConfig, run_dir: Path, data) -> PretrainConfig:
+    tree = cfg.model_dump(mode="json")
+    tree["trainer"]["run_name"] = run_dir.name
+    tree["data"]["channels"] = int(data.channels)
+    tree["data"]["mean"] = [float(x) for x in data.mean]
+    tree["data"]["std"] = [float(x) for x in data.std]
+    return PretrainConfig.model_validate(tree)
+
+
+def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "python" in state:
+        v = state["python"]
+        random.setstate((v[0], tuple(v[1]), v[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = list(state["cuda"])[: torch.cuda.device_count()]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def train(cfg: PretrainConfig, resume: str | os.PathLike | None = None, *, data=None, method=None) -> TrainResult:
+    """Pretrain `cfg.method` on `cfg.data`; returns the run directory, the trained method and final metrics.
+
+    resume: a checkpoint file, a run directory, or "auto" (continue the run named by the config, if any).
+    data:   optional prebuilt PretrainData (defaults to `mimkit.data.build_pretrain_data(cfg.data)`).
+    method: optional prebuilt method (defaults to `mimkit.methods.build_method`); must match the config.
+    Raises TrainingDiverged on a NaN/inf loss, ConfigError on inconsistent settings.
+    """
+    fabric = make_fabric(cfg.trainer)
+    result = fabric.launch(_run, cfg, resume, data, method)
+    if result.method is None:  # ddp_spawn: the workers are gone; rebuild what they could not send back
+        result.method = ckpt_io.method_from_checkpoint(result.checkpoint)[0]
+        if data is None:
+            from mimkit.data import build_pretrain_data
+
+            data = build_pretrain_data(result.config.data, report_dir=result.run_dir)
+        result.data = data
+    return result
+
+
+def _run(fabric, cfg: PretrainConfig, resume, data, method) -> TrainResult:
+    return _Loop(fabric, cfg, resume, data, method).run()
+
+
+class _Loop:
+    def __init__(self, fabric, cfg: PretrainConfig, resume, data, method):
+        self.fabric, self.cfg = fabric, cfg
+        self.resume, self.data, self.method = resume, data, method
+        self.rank0 = fabric.is_global_zero
+        self.world = fabric.world_size
+        self.is_fsdp = type(fabric.strategy).__name__ == "FSDPStrategy"
+        self.history: list[dict] = []
+        self.last_metrics: dict = {}
+        self.bar = None
+        self.logger: RunLogger | None = None
+
+    def print(self, msg: str) -> None:
+        if self.rank0:
+            if self.bar is not None:
+                self.bar.write(msg)
+            else:
+                print(msg, file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        fabric, cfg = self.fabric, self.cfg
+        tc, oc = cfg.trainer, cfg.optim
+        world, acc = self.world, oc.accumulate
+        if oc.batch_size % (world * acc):
+            raise ConfigError(
+                f"optim.batch_size={oc.batch_size} (the global batch per optimizer step) must be divisible by "
+                f"world size x optim.accumulate = {world} x {acc} = {world * acc} "
+                f"(world size = trainer.devices x trainer.num_nodes); per-device batch = batch_size / that"
+            )
+        self.micro = oc.batch_size // (world * acc)
+
+        ckpt_path = resolve_resume(self.resume, cfg)
+        if self.resume is not None and ckpt_path is None:
+            self.print(f"resume={self.resume!r}: no checkpoint found, starting a new run")
+        if ckpt_path is not None:
+            run_dir = ckpt_io.run_dir_of(ckpt_path)
+        else:
+            run_dir = _new_run_dir(cfg) if self.rank0 else None
+            run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None, src=0))
+            last = run_dir / "checkpoints" / "last.ckpt"
+            if last.is_file():
+                raise ConfigError(
+                    f"run directory {run_dir} already holds {last}; pass resume='auto' (or the path) to continue "
+                    f"it, or choose another trainer.run_name"
+                )
+        self.run_dir = run_dir
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.last_ckpt = self.ckpt_dir / "last.ckpt"
+        if self.rank0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_io.remove_stale_temps(self.ckpt_dir)
+        fabric.barrier()
+
+        # data and method, identically initialised on every rank
+        from lightning.fabric.utilities.seed import seed_everything
+
+        seed_everything(tc.seed, verbose=False)
+        if self.data is None:
+            from mimkit.data import build_pretrain_data
+
+            with fabric.rank_zero_first():
+                self.data = build_pretrain_data(cfg.data, report_dir=run_dir)
+        data = self.data
+        self.resolved = _resolved_config(cfg, run_dir, data)
+        n_train = len(data.train)
+        self.steps_per_epoch = n_train // oc.batch_size
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"the training split has {n_train} images, fewer than one global batch "
+                f"(optim.batch_size={oc.batch_size}); lower optim.batch_size or use more data (data.limit)"
+            )
+        self.total_steps = oc.max_steps if oc.max_steps else max(1, round(oc.epochs * self.steps_per_epoch))
+        self.warmup = warmup_steps(self.total_steps, oc.warmup_fraction)
+
+        if self.method is None:
+            from mimkit.methods import build_method
+
+            torch.manual_seed(tc.seed)
+            self.method = build_method(self.resolved, tuple(data.img_size), int(data.channels))
+        method = self.method
+
+        ckpt = None
+        if ckpt_path is not None:
+            ckpt = ckpt_io.load_checkpoint(ckpt_path)
+            diffs = _config_differences(
+                {k: ckpt["config"].get(k, {}) for k in ("method", "model", "optim")},
+                {k: self.resolved.model_dump(mode="json")[k] for k in ("method", "model", "optim")},
+            )
+            if diffs:
+                self.print(f"warning: resuming {ckpt_path} with changed settings: " + "; ".join(diffs))
+            if not self.is_fsdp:
+                ckpt_io.load_state_strict(method, ckpt["model"], str(ckpt_path))
+
+        if self.rank0:
+            ckpt_io.atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(to_yaml(self.resolved)))
+            report = getattr(data, "report", None)
+            if report is not None:
+                try:
+                    report.write(run_dir)
+                    self.print(report.summary())
+                except Exception as err:  # the report is informative only; never fail a run on it
+                    self.print(f"warning: could not write the data report: {err}")
+        fabric.barrier()
+
+        no_decay = no_decay_names(method)
+        model = fabric.setup_module(method)
+        optimizer = fabric.setup_optimizers(build_optimizer(model, oc, no_decay))
+        self.model, self.optimizer = model, optimizer
+        self.scaler = getattr(fabric.strategy.precision, "scaler", None)
+
+        progress = {"global_step": 0, "epoch": 0, "position": 0}
+        if ckpt is not None:
+            if self.is_fsdp:
+                state = {"model": model, "optimizer": optimizer}
+                fabric.load(ckpt_path, state, strict=False)
+            else:
+                optimizer.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.scaler is not None and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            if ckpt.get("rng"):
+                set_rng_state(ckpt["rng"])
+            progress.update({k: int(v) for k, v in ckpt["progress"].items() if k in progress})
+            self.last_metrics = dict(ckpt.get("metrics") or {})
+            self.print(
+                f"resumed from {ckpt_path}: step {progress['global_step']}/{self.total_steps}, "
+                f"epoch {progress['epoch']}, sample {progress['position']} of the epoch"
+            )
+        del ckpt
+        self.data_meta = {
+            "img_size": [int(x) for x in data.img_size], "channels": int(data.channels),
+            "mean": [float(x) for x in data.mean], "std": [float(x) for x in data.std],
+        }
+        return self._train(progress)
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def _loaders(self):
+        fabric, cfg, data = self.fabric, self.cfg, self.data
+        nw = cfg.data.num_workers
+        pin = bool(cfg.data.pin_memory) and fabric.device.type == "cuda"
+        kw = dict(num_workers=nw, pin_memory=pin, persistent_workers=nw > 0, collate_fn=default_collate)
+        self.sampler = SeededSampler(
+            len(data.train), seed=cfg.trainer.seed, shuffle=True, rank=fabric.global_rank, world_size=self.world,
+            drop_last=True, global_batch=cfg.optim.batch_size,
+        )
+        # plain DataLoaders: Fabric's wrapper would call sampler.set_epoch(<iteration count>) on every iter(),
+        # overriding the epoch and mid-epoch start set for resuming; batches move to the device in the loop
+        train_loader = DataLoader(data.train, batch_size=self.micro, sampler=self.sampler, drop_last=False, **kw)
+        val_loader = None
+        val = getattr(data, "val", None)
+        if val is not None and len(val) > 0:
+            self.val_sampler = SeededSampler(
+                len(val), seed=rng.combine(cfg.trainer.seed, VAL_STREAM), shuffle=False, rank=fabric.global_rank,
+                world_size=self.world, drop_last=False,
+            )
+            self.val_sampler.set_epoch(0)
+            kw["persistent_workers"] = False  # used once an epoch; no need to keep its workers alive
+            val_loader = DataLoader(val, batch_size=self.micro, sampler=self.val_sampler, drop_last=False, **kw)
+        return train_loader, val_loader
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean MIM loss over the held-out split with fixed masks (val seeds at epoch 0, same every time)."""
+        if self.val_loader is None:
+            return None
+        fabric, model = self.fabric, self.model
+        self.val_sampler.set_epoch(0)
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=fabric.device)
+
+        def add(batch, weight: float) -> None:
+            out = model(batch)
+            b = batch["image"].shape[0] * weight
+            total.add_(torch.tensor([out["loss"].detach().double().item() * b, b], dtype=torch.float64,
+                                    device=total.device))
+
+        seen, last = 0, None
+        for batch in self.val_loader:
+            last = fabric.to_device(batch)
+            add(last, 1.0)
+            seen += 1
+        if self.is_fsdp:
+            # FSDP needs every rank in every forward: ranks with fewer batches repeat one with weight 0
+            most = math.ceil(math.ceil(len(self.data.val) / self.world) / self.micro)  # rank 0 has the most
+            for _ in range(most - seen):
+                add(last if last is not None else self._val_filler(), 0.0)
+        if self.world > 1:
+            total = fabric.all_reduce(total, reduce_op="sum")
+        model.train()
+        return float(total[0] / total[1]) if total[1] > 0 else None
+
+    def _val_filler(self) -> dict:
+        val = self.data.val
+        item = val[(0, rng.combine(self.cfg.trainer.seed, VAL_STREAM))]
+        return self.fabric.to_device(default_collate([item]))
+
+    def save(self, step: int, epoch: int, position: int, keep_copy: bool = False) -> None:
+        """Write checkpoints/last.ckpt atomically (all ranks call; rank 0 renames the finished temp file)."""
+        fabric = self.fabric
+        tmp = ckpt_io.temp_path(self.last_ckpt)
+        state = {
+            "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION,
+            "config": self.resolved.model_dump(mode="json"), "data": self.data_meta,
+            "model": self.model, "optimizer": self.optimizer,
+            "progress": {"global_step": step, "epoch": epoch, "position": position, "total_steps": self.total_steps},
+            "rng": rng_state(), "metrics": {k: float(v) for k, v in self.last_metrics.items()},
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        try:
+            fabric.save(tmp, state)
+            if self.rank0:
+                ckpt_io.commit_file(tmp, self.last_ckpt)
+                if keep_copy:
+                    copy = self.ckpt_dir / f"epoch_{epoch:04d}.ckpt"
+                    ckpt_io.atomic_write(copy, lambda t: shutil.copyfile(self.last_ckpt, t))
+        finally:
+            if self.rank0 and tmp.exists():
+                tmp.unlink()
+        fabric.barrier()
+        self.saved_step = step
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def _train(self, progress: dict) -> TrainResult:
+        fabric, cfg = self.fabric, self.cfg
+        tc, oc = cfg.trainer, cfg.optim
+        model, optimizer = self.model, self.optimizer
+        B, A = oc.batch_size, oc.accumulate
+        train_loader, self.val_loader = self._loaders()
+        epoch_len = self.sampler.epoch_length
+        step, epoch, position = progress["global_step"], progress["epoch"], progress["position"]
+        if position >= epoch_len:
+            epoch, position = epoch + 1, 0
+        self.saved_step = step if step > 0 else -1
+        self.logger = RunLogger(self.run_dir, self.rank0, resume_step=step if step > 0 else None)
+        if self.rank0 and tc.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total_steps, initial=step, desc="pretrain", dynamic_ncols=True,
+                            unit="step", file=sys.stderr)
+        self.print(
+            f"run dir: {self.run_dir}\n{self.total_steps} optimizer steps ({self.steps_per_epoch}/epoch) of "
+            f"{B} images = {self.world} device(s) x {self.micro} x {A} accumulation; peak lr {oc.peak_lr:.3g}, "
+            f"{self.warmup} warmup steps"
+        )
+        stop_at = tc.stop_after_steps
+        # images/s counts time inside optimizer steps (data wait included), not validation or checkpointing
+        window_loss, window_steps, window_time = 0.0, 0, 0.0
+        train_time, run_steps = 0.0, 0
+        val_loss, val_step = self.last_metrics.get("val_loss"), -1
+        if step >= self.total_steps:  # resumed a finished run: nothing left to train, validate or save
+            val_step = step
+        stopped_early = False
+        lv = float("nan")
+        model.train()
+        try:
+            while step < self.total_steps and not stopped_early:
+                self.sampler.set_epoch(epoch, position // self.world)
+                batches = iter(train_loader)
+                n_steps = min((epoch_len - position) // B, self.total_steps - step)
+                for _ in range(n_steps):
+                    t_step = time.perf_counter()
+                    lr = lr_at(step, self.total_steps, self.warmup, oc.peak_lr, oc.min_lr)
+                    set_lr(optimizer, lr)
+                    torch.manual_seed(rng.combine(tc.seed, fabric.global_rank, step))
+                    sums = None
+                    for micro in range(A):
+                        batch = fabric.to_device(next(batches))
+                        sync_off = self.world > 1 and micro < A - 1
+                        ctx = fabric.no_backward_sync(model, enabled=True) if sync_off else contextlib.nullcontext()
+                        with ctx:
+                            out = model(batch)
+                            fabric.backward(out["loss"] / A)
+                        vals = torch.stack([out[k].detach().float() for k in sorted(out)])
+                        sums = vals if sums is None else sums + vals
+                    means = sums / A
+                    if self.world > 1:
+                        means = fabric.all_reduce(means, reduce_op="mean")
+                    step_metrics = dict(zip(sorted(out), means.tolist()))
+                    lv = step_metrics["loss"]
+                    if not math.isfinite(lv):
+                        self._diverged(step, epoch, lv, lr)
+                    if oc.clip_grad is not None:
+                        gnorm = fabric.clip_gradients(model, optimizer, max_norm=oc.clip_grad)
+                        step_metrics["grad_norm"] = float(gnorm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    dt = time.perf_counter() - t_step
+                    train_time += dt
+                    window_time += dt
+                    step += 1
+                    run_steps += 1
+                    position += B
+                    self.history.append({"step": step, "lr": lr, **step_metrics})
+                    window_loss += lv
+                    window_steps += 1
+                    if self.bar is not None:
+                        self.bar.update(1)
+                        if step % max(1, min(tc.log_every_steps, 10)) == 0 or step == 1:
+                            self.bar.set_postfix(loss=f"{lv:.4f}", lr=f"{lr:.2e}",
+                                                 img_s=f"{run_steps * B / max(train_time, 1e-9):.0f}")
+                    if step % tc.log_every_steps == 0 or step == self.total_steps:
+                        metrics = {
+                            **{k: v for k, v in step_metrics.items() if k != "loss"},
+                            "loss": window_loss / window_steps, "lr": lr,
+                            "images_per_s": window_steps * B / max(window_time, 1e-9),
+                            "epoch": step / self.steps_per_epoch,
+                        }
+                        self.last_metrics.update(metrics)
+                        self.logger.log(metrics, step)
+                        window_loss, window_steps, window_time = 0.0, 0, 0.0
+                    if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0:
+                        self.save(step, epoch, position)
+                    if stop_at is not None and step >= stop_at and step < self.total_steps:
+                        stopped_early = True
+                        break
+                del batches
+                if position >= epoch_len:  # a whole epoch: validate, then checkpoint at the epoch boundary
+                    epoch, position = epoch + 1, 0
+                    val_loss, val_step = self._validate_and_log(step, epoch), step
+                    every = tc.checkpoint_every_epochs
+                    if every and epoch % every == 0 and step < self.total_steps:
+                        self.save(step, epoch, position, keep_copy=tc.keep_epoch_checkpoints)
+                if stopped_early:
+                    if self.saved_step != step:
+                        self.save(step, epoch, position)
+                    self.print(f"stopped after step {step} (trainer.stop_after_steps={stop_at}); "
+                               f"continue with resume={str(self.run_dir)!r}")
+            if not stopped_early:
+                if val_step != step:
+                    val_loss = self._validate_and_log(step, epoch + position / epoch_len)
+                if self.saved_step != step:
+                    self.save(step, epoch, position, keep_copy=bool(tc.keep_epoch_checkpoints and position == 0))
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            if self.logger is not None:
+                self.logger.close()
+
+        metrics = {
+            "global_step": step, "total_steps": self.total_steps, "epoch": step / self.steps_per_epoch,
+            "loss": lv, "val_loss": val_loss, "images_per_s": run_steps * B / max(train_time, 1e-9),
+            "stopped_early": stopped_early,
+        }
+        self.print(
+            f"done: step {step}/{self.total_steps}, loss {lv:.4f}"
+            + (f", val_loss {val_loss:.4f}" if val_loss is not None else "")
+            + f", {metrics['images_per_s']:.0f} images/s; checkpoint {self.last_ckpt}"
+        )
+        return self._result(metrics)
+
+    def _validate_and_log(self, step: int, epoch: float) -> float | None:
+        val_loss = self.validate()
+        if val_loss is not None:
+            self.last_metrics["val_loss"] = val_loss
+            self.logger.log({"val_loss": val_loss, "epoch": float(epoch)}, step)
+            self.print(f"epoch {epoch:g} step {step}: val_loss {val_loss:.4f}")
+        return val_loss
+
+    def _diverged(self, step: int, epoch: int, loss: float, lr: float):
+        last = f"{self.last_ckpt} (step {self.saved_step})" if self.saved_step >= 0 else "none was written yet"
+        msg = (
+            f"loss is {loss} at optimizer step {step + 1} (epoch {epoch}, lr {lr:.3g}); training stopped before "
+            f"the optimizer step, so no weights were updated with it. Last good checkpoint: {last}. "
+            f"Try a lower optim.base_lr / optim.lr, a longer warmup (optim.warmup_fraction), gradient clipping "
+            f"(optim.clip_grad=1.0), or trainer.precision=32-true / bf16-mixed instead of 16-mixed; "
+            f"then resume from the checkpoint or start again."
+        )
+        self.print(msg)
+        raise TrainingDiverged(msg)
+
+    def _result(self, metrics: dict) -> TrainResult:
+        fabric = self.fabric
+        if self.is_fsdp:  # parameters are sharded: give back the full weights from the final checkpoint
+            method = ckpt_io.method_from_checkpoint(self.last_ckpt)[0]
+        else:
+            method = self.model.module
+            method.eval()
+        spawned = self.cfg.trainer.strategy == "ddp_spawn" and not _under_torchrun()
+        if spawned:
+            # results cross a process boundary: send no tensors (their shared memory dies with the worker);
+            # `train` reloads the method from the final checkpoint in the launching process
+            method, data, fabric = None, None, None
+        else:
+            data = self.data
+        return TrainResult(
+            run_dir=self.run_dir, method=method, metrics=metrics, data=data, config=self.resolved,
+            checkpoint=self.last_ckpt if self.last_ckpt.is_file() else None, history=self.history,
+            fabric=fabric,
+        )
