@@ -17,11 +17,20 @@ def _cmd_pretrain(args) -> int:
     from mimkit.engine import train
     from mimkit.pipeline import has_labels, knn_evaluation, save_reconstructions, write_json
 
-    cfg = load_config(args.config, args.overrides)
+    init, base = None, None
+    if args.init:
+        # start from another run's or an imported checkpoint's weights (e.g. `mimkit import-mae`); its
+        # recipe is the base unless --config is given, so the architecture matches the weights
+        from mimkit.engine.checkpoint import load_checkpoint
+
+        init = load_checkpoint(_checkpoint_path(args.init))
+        base = {k: v for k, v in init["config"].items() if k in ("method", "model", "data", "optim", "eval")}
+    cfg = load_config(args.config, args.overrides, base=base)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    result = train(cfg, resume=args.resume)
+    method = _init_method(cfg, init, args.init) if init else None
+    result = train(cfg, resume=args.resume, method=method)
     if not result.is_global_zero:
         return 0
     run_dir = Path(result.run_dir)
@@ -46,13 +55,26 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _init_method(cfg, init: dict, source: str):
+    """A method built for this run's data, with weights from `init` (names and shapes must all match)."""
+    from mimkit.engine.checkpoint import load_state_strict
+    from mimkit.methods import build_method
+
+    meta = init["data"]
+    method = build_method(cfg, tuple(meta["img_size"]), int(meta["channels"]))
+    load_state_strict(method, init["model"], source)
+    return method
+
+
+def _checkpoint_path(path: str) -> Path:
+    p = Path(path)
+    return p / "checkpoints" / "last.ckpt" if p.is_dir() else p
+
+
 def _load(ckpt: str):
     from mimkit.engine.checkpoint import method_from_checkpoint
 
-    path = Path(ckpt)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    return method_from_checkpoint(path)
+    return method_from_checkpoint(_checkpoint_path(ckpt))
 
 
 def _data_overrides(cfg, overrides: list[str]):
@@ -102,9 +124,7 @@ def _cmd_visualize(args) -> int:
 def _cmd_export(args) -> int:
     from mimkit.interop import export_checkpoint
 
-    ckpt = Path(args.checkpoint)
-    if ckpt.is_dir():
-        ckpt = ckpt / "checkpoints" / "last.ckpt"
+    ckpt = _checkpoint_path(args.checkpoint)
     out = Path(args.out) if args.out else ckpt.resolve().parent.parent / f"export-{args.format}"
     path = export_checkpoint(ckpt, out, args.format)
     print(f"exported {args.format} weights to {path}")
@@ -114,9 +134,7 @@ def _cmd_export(args) -> int:
 def _cmd_info(args) -> int:
     from mimkit.interop import checkpoint_info, format_info
 
-    ckpt = Path(args.checkpoint)
-    if ckpt.is_dir():
-        ckpt = ckpt / "checkpoints" / "last.ckpt"
+    ckpt = _checkpoint_path(args.checkpoint)
     print(format_info(checkpoint_info(ckpt)))
     return 0
 
@@ -136,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pretrain", help="pretrain an encoder (default: MAE ViT-Tiny/4 on Fashion-MNIST)")
     s.add_argument("--config", help=f"YAML recipe (default: {DEFAULT_RECIPE})")
     s.add_argument("--resume", help="checkpoint or run folder to continue, or 'auto' (last.ckpt of this run)")
+    s.add_argument("--init", help="start from these weights (a mimkit checkpoint, e.g. from `mimkit import-mae`); "
+                   "its recipe is the base unless --config is given")
     s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=5 method=mae")
     s.set_defaults(func=_cmd_pretrain)
@@ -173,11 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides (key=value) may stand anywhere, also after options: argparse alone cannot intermix them
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     from mimkit.config import ConfigError
     from mimkit.engine.checkpoint import CheckpointError
+    from mimkit.engine.trainer import TrainingDiverged
 
-    known = (ConfigError, CheckpointError, FileNotFoundError)
+    known = (ConfigError, CheckpointError, FileNotFoundError, TrainingDiverged)
     try:
         from mimkit.data import DataError
 
