@@ -159,9 +159,47 @@ class EvalConfig(Section):
     knn: bool = True
     knn_k: int = Field(20, ge=1)
     knn_temperature: float = Field(0.07, gt=0.0)
-    knn_limit: int | None = Field(None, ge=1, description="cap on train/test images used for the kNN figure")
+    knn_limit: int | None = Field(
+        10000, ge=1, description="kNN uses the first N train images as the bank and the first N test images as "
+        "queries (null = all); 10k keeps the demo's figure to about a minute on 2 CPU cores"
+    )
     visualize: bool = True
     num_images: int = Field(8, ge=1)
+    recon_every_epochs: int = Field(1, ge=0, description="save <run>/recon/step_NNNNNN.png every N epochs (0: never)")
+    # `mimkit eval --protocol ...` (linear / attentive / finetune / fewshot / layers); see mimkit.eval.protocols
+    pool: Literal["cls", "mean"] = Field("cls", description="image feature: class token or mean patch token")
+    layers: list[int] | None = Field(None, description="kNN/linear features from these blocks (concatenated); "
+                                     "for the layers protocol, the blocks probed (default all)")
+    batch_size: int = Field(256, ge=1, description="images per forward pass when extracting features")
+    train_limit: int | None = Field(None, ge=1, description="cap on training images for probes (a seeded subset)")
+    test_limit: int | None = Field(None, ge=1, description="cap on test images (the first ones)")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of the training images held out to choose "
+                                "probe settings; the test split never chooses anything")
+    seed: int = 0
+    linear_lrs: list[float] = Field([0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0], min_length=1)
+    linear_epochs: int = Field(30, ge=1)
+    linear_weight_decay: float = Field(0.0, ge=0.0)
+    attentive_epochs: int = Field(10, ge=1)
+    attentive_lr: float = Field(1e-3, gt=0.0)
+    attentive_heads: int = Field(8, ge=1, description="heads of the cross-attention pooler")
+    ep_queries: int = Field(32, ge=1, description="queries of Efficient Probing")
+    attentive_train_limit: int | None = Field(10000, ge=1, description="training images whose tokens are cached")
+    finetune_epochs: int = Field(5, ge=1)
+    finetune_max_steps: int | None = Field(None, ge=1)
+    finetune_batch_size: int = Field(128, ge=2)
+    finetune_blr: float = Field(1e-3, gt=0.0, description="lr = blr * batch / 256")
+    finetune_weight_decay: float = Field(0.05, ge=0.0)
+    layer_decay: float = Field(0.75, gt=0.0, le=1.0)
+    drop_path: float = Field(0.1, ge=0.0, lt=1.0)
+    mixup: float = Field(0.8, ge=0.0)
+    cutmix: float = Field(1.0, ge=0.0)
+    smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    from_scratch: bool = Field(False, description="fine-tune the same architecture from random initialisation")
+    compare_scratch: bool = Field(False, description="fine-tune from the weights and from scratch, side by side")
+    fewshot_shots: list[int] = Field([1, 5, 10], min_length=1)
+    fewshot_seeds: int = Field(5, ge=1)
+    fewshot_classifier: Literal["logreg", "centroid"] = "logreg"
+    layers_epochs: int = Field(10, ge=1)
 
 
 class PretrainConfig(Section):
