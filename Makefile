@@ -40,6 +40,9 @@ fashion-mnist:
 
 # Small real RGB images for fast tests: CIFAR-10/100 and ImageNet samples inside the foolbox wheel (read, never imported).
 test-data: $(DATA_DIR)/foolbox/.done
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium missing: the HTML report rendering test will be skipped (install: apt-get install chromium)"
 
 $(DATA_DIR)/foolbox/.done:
 	mkdir -p $(DATA_DIR)/wheels $(DATA_DIR)/foolbox

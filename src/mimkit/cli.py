@@ -93,16 +93,55 @@ def _data_overrides(cfg, overrides: list[str]):
 
 
 def _cmd_eval(args) -> int:
-    from mimkit.pipeline import knn_evaluation, write_json
+    """Any protocol on a mimkit checkpoint / run folder, `timm:NAME`, `timm:local-dir:DIR` or `hf:DIR`."""
+    import torch
 
-    method, cfg, ckpt = _load(args.checkpoint)
-    cfg = _data_overrides(cfg, args.overrides)
-    if args.protocol != "knn":
-        raise SystemExit(f"error: protocol {args.protocol!r} is not available yet; available: knn")
-    mean, std = ckpt["data"]["mean"], ckpt["data"]["std"]
-    res = knn_evaluation(method, cfg, mean, std, limit=cfg.eval.knn_limit, pool=args.pool)
-    print(f"kNN top-1: {100 * res['knn_top1']:.2f}% (k={res['knn_k']}, T={res['knn_temperature']}, pool={args.pool}, "
-          f"{res['bank_size']} bank / {res['queries']} queries)")
+    from mimkit.config import PretrainConfig
+    from mimkit.data import build_labelled
+    from mimkit.data.build import make_source
+    from mimkit.data.errors import DataReport
+    from mimkit.engine.checkpoint import find_checkpoint, run_dir_of
+    from mimkit.eval.encoders import load_encoder, norm_for
+    from mimkit.eval.protocols import run_protocol, summary_line
+    from mimkit.pipeline import has_labels, write_json
+
+    external = args.checkpoint.startswith(("timm:", "hf:"))
+    loaded = load_encoder(args.checkpoint)
+    if external:
+        cfg = _data_overrides(PretrainConfig(), args.overrides)
+        # the encoder's input size is fixed by its position table
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"img_size": list(loaded.img_size)})})
+        run_dir = None
+    else:
+        _, cfg, ckpt = _load(args.checkpoint)
+        cfg = _data_overrides(cfg, args.overrides)
+        ckpt_path = find_checkpoint(args.checkpoint)
+        run_dir = run_dir_of(ckpt_path) if Path(args.checkpoint).is_dir() or ckpt_path.parent.name == "checkpoints" else None
+    eval_updates = {k: v for k, v in (("pool", args.pool), ("from_scratch", args.from_scratch or None),
+                                      ("compare_scratch", args.compare_scratch or None)) if v is not None}
+    if args.layers:
+        eval_updates["layers"] = [int(i) for i in args.layers.split(",")]
+    ecfg = cfg.eval.model_copy(update=eval_updates)
+    if not has_labels(cfg.data):
+        raise SystemExit(f"error: evaluation needs labelled images, and data.source={cfg.data.source!r} has none; "
+                         "use e.g. data.source=imagefolder data.path=DIR")
+    if external:
+        mean, std = norm_for(loaded, int(make_source(cfg.data, "test", DataReport()).channels))
+    else:
+        mean, std = ckpt["data"]["mean"], ckpt["data"]["std"]
+    data = cfg.data.model_copy(update={"mean": list(mean), "std": list(std)})
+    train, test = build_labelled(data, "train", mean, std), build_labelled(data, "test", mean, std)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    res = run_protocol(args.protocol, loaded.encoder, train, test, ecfg, device=device)
+    res = {**res, "encoder": args.checkpoint, "data": cfg.data.source}
+    if args.protocol == "knn":  # the keys `mimkit eval` wrote before protocols existed
+        d = res["details"]
+        res.update(knn_top1=res["value"], knn_k=d["k"], knn_temperature=d["temperature"], pool=d["pool"],
+                   bank_size=d["bank_size"], queries=d["queries"])
+    print(summary_line(res))
+    if run_dir is not None:
+        (run_dir / "eval").mkdir(exist_ok=True)
+        write_json(run_dir / "eval" / f"{args.protocol}.json", res)
     if args.json:
         write_json(args.json, res)
     return 0
@@ -117,6 +156,15 @@ def _cmd_visualize(args) -> int:
     path = save_reconstructions(method, cfg, ckpt["data"]["mean"], ckpt["data"]["std"], out, args.num_images)
     if path is None:
         raise SystemExit(f"error: method {cfg.method.name!r} predicts no pixels to draw")
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from mimkit.viz.report import build_report
+
+    path = build_report(args.run_dir, args.out, num_images=args.num_images, analysis_images=args.analysis_images,
+                        overrides=list(args.overrides), device=args.device, model=not args.no_model)
     print(f"wrote {path}")
     return 0
 
@@ -160,11 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=5 method=mae")
     s.set_defaults(func=_cmd_pretrain)
 
-    s = sub.add_parser("eval", help="evaluate a checkpoint's encoder")
-    s.add_argument("checkpoint", help="checkpoint file or run folder")
-    s.add_argument("--protocol", default="knn", help="evaluation protocol (knn)")
-    s.add_argument("--pool", default="cls", choices=["cls", "mean"], help="image feature: class token or mean patch")
-    s.add_argument("--json", help="also write the result to this JSON file")
+    s = sub.add_parser("eval", help="evaluate an encoder: knn, linear, attentive, finetune, fewshot or layers")
+    s.add_argument("checkpoint", help="checkpoint file or run folder, timm:NAME, timm:local-dir:DIR or hf:DIR")
+    s.add_argument("--protocol", default="knn", choices=["knn", "linear", "attentive", "finetune", "fewshot", "layers"],
+                   help="evaluation protocol (settings: eval.* overrides)")
+    s.add_argument("--pool", default=None, choices=["cls", "mean"],
+                   help="image feature: class token or mean patch (default eval.pool)")
+    s.add_argument("--layers", help="comma-separated block indices: features from these blocks (negative: from the end)")
+    s.add_argument("--from-scratch", action="store_true", help="finetune: same architecture, random initialisation")
+    s.add_argument("--compare-scratch", action="store_true", help="finetune: from the weights and from scratch")
+    s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    s.add_argument("--json", help="also write the result to this JSON file (a run folder also gets eval/<protocol>.json)")
     s.add_argument("overrides", nargs="*", help="data.* / eval.* overrides, e.g. data.source=imagefolder data.path=DIR")
     s.set_defaults(func=_cmd_eval)
 
@@ -174,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-images", type=int, default=8)
     s.add_argument("overrides", nargs="*", help="data.* overrides, to draw other images")
     s.set_defaults(func=_cmd_visualize)
+
+    s = sub.add_parser("report", help="one HTML page: curves, reconstructions, attention, probes, analysis, config")
+    s.add_argument("run_dir", help="run folder")
+    s.add_argument("--out", help="HTML path (default: RUN_DIR/report.html)")
+    s.add_argument("--num-images", type=int, default=4, help="images shown with attention maps")
+    s.add_argument("--analysis-images", type=int, default=32, help="images the analysis metrics average over")
+    s.add_argument("--device", default="cpu", help="device for the attention maps and analysis (cpu, cuda, ...)")
+    s.add_argument("--no-model", action="store_true", help="skip the sections that load the checkpoint and images")
+    s.add_argument("overrides", nargs="*", help="data.* overrides, to analyse other images")
+    s.set_defaults(func=_cmd_report)
 
     s = sub.add_parser("export", help="write weights as safetensors + config for timm, Hugging Face or MAE's code")
     s.add_argument("checkpoint", help="checkpoint file or run folder")

@@ -540,6 +540,7 @@ class _Loop:
                 if position >= epoch_len:  # a whole epoch: validate, then checkpoint at the epoch boundary
                     epoch, position = epoch + 1, 0
                     val_loss, val_step = self._validate_and_log(step, epoch), step
+                    self._save_recon(step, epoch)
                     every = tc.checkpoint_every_epochs
                     if every and epoch % every == 0 and step < self.total_steps:
                         self.save(step, epoch, position, keep_copy=tc.keep_epoch_checkpoints)
@@ -579,6 +580,29 @@ class _Loop:
             self.logger.log({"val_loss": val_loss, "epoch": float(epoch)}, step)
             self.print(f"epoch {epoch:g} step {step}: val_loss {val_loss:.4f}")
         return val_loss
+
+    def _save_recon(self, step: int, epoch: int) -> None:
+        """Every `eval.recon_every_epochs` epochs, on rank 0 (not under FSDP): <run_dir>/recon/step_NNNNNN.png of a
+        fixed batch (the first held-out images with fixed seeds, so the pictures are comparable over training)."""
+        every = getattr(self.cfg.eval, "recon_every_epochs", 0)
+        if not every or epoch % every or not self.rank0 or self.is_fsdp or getattr(self, "_recon_off", False):
+            return
+        try:
+            from mimkit.viz import save_reconstruction_grid
+
+            if getattr(self, "_recon_batch", None) is None:
+                val = getattr(self.data, "val", None)
+                ds = val if val is not None and len(val) > 0 else self.data.train
+                idx = torch.arange(min(self.cfg.eval.num_images, len(ds)))
+                seeds = rng.sample_seeds(0, 0, idx)
+                items = [ds[(int(i), int(s))] for i, s in zip(idx, seeds)]
+                self._recon_batch = {"image": torch.stack([it["image"] for it in items]), "seed": seeds}
+            path = self.run_dir / "recon" / f"step_{step:06d}.png"
+            save_reconstruction_grid(self.model.module, self._recon_batch, path, self.data.mean, self.data.std,
+                                     max_images=None)
+        except Exception as err:  # pictures are informative only; never fail a run on them
+            self._recon_off = True
+            self.print(f"warning: no more reconstruction pictures this run: {type(err).__name__}: {err}")
 
     def _diverged(self, step: int, epoch: int, loss: float, lr: float):
         last = f"{self.last_ckpt} (step {self.saved_step})" if self.saved_step >= 0 else "none was written yet"
