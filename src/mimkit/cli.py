@@ -101,22 +101,24 @@ def _cmd_eval(args) -> int:
     from mimkit.data.build import make_source
     from mimkit.data.errors import DataReport
     from mimkit.engine.checkpoint import find_checkpoint, run_dir_of
-    from mimkit.eval.encoders import load_encoder, norm_for
+    from mimkit.eval.encoders import load_encoder, norm_for, wrap_mimkit
     from mimkit.eval.protocols import run_protocol, summary_line
     from mimkit.pipeline import has_labels, write_json
 
     external = args.checkpoint.startswith(("timm:", "hf:"))
-    loaded = load_encoder(args.checkpoint)
     if external:
+        loaded = load_encoder(args.checkpoint)
         cfg = _data_overrides(PretrainConfig(), args.overrides)
         # the encoder's input size is fixed by its position table
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"img_size": list(loaded.img_size)})})
         run_dir = None
     else:
-        _, cfg, ckpt = _load(args.checkpoint)
+        method, cfg, ckpt = _load(args.checkpoint)
+        loaded = wrap_mimkit(method.encoder, ckpt["data"])
         cfg = _data_overrides(cfg, args.overrides)
         ckpt_path = find_checkpoint(args.checkpoint)
-        run_dir = run_dir_of(ckpt_path) if Path(args.checkpoint).is_dir() or ckpt_path.parent.name == "checkpoints" else None
+        in_run = Path(args.checkpoint).is_dir() or ckpt_path.parent.name == "checkpoints"
+        run_dir = run_dir_of(ckpt_path) if in_run else None
     eval_updates = {k: v for k, v in (("pool", args.pool), ("from_scratch", args.from_scratch or None),
                                       ("compare_scratch", args.compare_scratch or None)) if v is not None}
     if args.layers:
@@ -214,11 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation protocol (settings: eval.* overrides)")
     s.add_argument("--pool", default=None, choices=["cls", "mean"],
                    help="image feature: class token or mean patch (default eval.pool)")
-    s.add_argument("--layers", help="comma-separated block indices: features from these blocks (negative: from the end)")
+    s.add_argument("--layers", help="comma-separated block indices: features from these blocks (negative: from end)")
     s.add_argument("--from-scratch", action="store_true", help="finetune: same architecture, random initialisation")
     s.add_argument("--compare-scratch", action="store_true", help="finetune: from the weights and from scratch")
     s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    s.add_argument("--json", help="also write the result to this JSON file (a run folder also gets eval/<protocol>.json)")
+    s.add_argument("--json", help="also write the result here (a run folder also gets eval/<protocol>.json)")
     s.add_argument("overrides", nargs="*", help="data.* / eval.* overrides, e.g. data.source=imagefolder data.path=DIR")
     s.set_defaults(func=_cmd_eval)
 

@@ -51,6 +51,44 @@ def _split(batch) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(labels).long().reshape(-1)
 
 
+def _device_of(encoder: nn.Module, device) -> torch.device:
+    if device is None:
+        p = next(encoder.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def encode_dataset(encoder: nn.Module, dataset_or_loader, fn, batch_size: int = 256,
+                   device: str | torch.device | None = None, limit: int | None = None) -> tuple[list, torch.Tensor]:
+    """`fn(encoder, images)` (a tensor, or a list of tensors) for every batch, moved to the CPU and concatenated
+    in data order, plus the labels. The encoder runs in eval mode; its mode is restored afterwards."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be positive, got {limit}")
+    device = _device_of(encoder, device)
+    was_training = encoder.training
+    encoder.eval()
+    outs, labels, seen = [], [], 0
+    try:
+        for batch in _batches(dataset_or_loader, batch_size, limit):
+            images, y = _split(batch)
+            if limit is not None:
+                images, y = images[: limit - seen], y[: limit - seen]
+            if images.shape[0] == 0:
+                break
+            out = fn(encoder, images.to(device, non_blocking=True))
+            outs.append([o.cpu() for o in out] if isinstance(out, (list, tuple)) else [out.cpu()])
+            labels.append(y.cpu())
+            seen += images.shape[0]
+            if limit is not None and seen >= limit:
+                break
+    finally:
+        encoder.train(was_training)
+    if not outs:
+        raise ValueError("no images to extract features from")
+    return [torch.cat(parts) for parts in zip(*outs)], torch.cat(labels)
+
+
 @torch.no_grad()
 def extract_features(
     encoder: nn.Module,
@@ -59,6 +97,7 @@ def extract_features(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     limit: int | None = None,
+    layers: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled encoder features of every image: (Float32[N, D], Long[N]), both on the CPU, in data order.
 
@@ -67,33 +106,33 @@ def extract_features(
     (images, labels) tuples). `encoder(images)` must return [B, 1 + N, D]; `pool` is "cls" or "mean"
     (see `mimkit.models.pool`). `limit` keeps only the first `limit` images. The encoder runs in eval mode
     on `device` (default: where its parameters are) and its train/eval mode is restored afterwards.
+    `layers` (block indices, negative from the end) pools the tokens after those blocks instead of the final
+    output, concatenated in the order given: [N, len(layers) * D]; the encoder needs `forward_layers`.
     """
     if pool not in ("cls", "mean"):
         raise ValueError(f"unknown pooling {pool!r}; choose 'cls' or 'mean'")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be positive, got {limit}")
-    if device is None:
-        p = next(encoder.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    was_training = encoder.training
-    encoder.eval()
-    feats, labels, seen = [], [], 0
-    try:
-        for batch in _batches(dataset_or_loader, batch_size, limit):
-            images, y = _split(batch)
-            if limit is not None:
-                images, y = images[: limit - seen], y[: limit - seen]
-            if images.shape[0] == 0:
-                break
-            out = encoder(images.to(device, non_blocking=True))
-            feats.append(pool_tokens(out, pool).float().cpu())
-            labels.append(y.cpu())
-            seen += images.shape[0]
-            if limit is not None and seen >= limit:
-                break
-    finally:
-        encoder.train(was_training)
-    if not feats:
-        raise ValueError("no images to extract features from")
-    return torch.cat(feats), torch.cat(labels)
+
+    def fn(enc, x):
+        if layers:
+            return torch.cat([pool_tokens(t, pool).float() for t in enc.forward_layers(x, list(layers))], 1)
+        return pool_tokens(enc(x), pool).float()
+
+    (feats,), labels = encode_dataset(encoder, dataset_or_loader, fn, batch_size, device, limit)
+    return feats, labels
+
+
+def extract_layer_features(encoder: nn.Module, dataset_or_loader, layers: list[int], pool: str = "cls",
+                           batch_size: int = 256, device=None, limit: int | None = None):
+    """Pooled features after each chosen block, in one pass: ([Float32[N, D] per layer], Long[N])."""
+    if pool not in ("cls", "mean"):
+        raise ValueError(f"unknown pooling {pool!r}; choose 'cls' or 'mean'")
+    fn = lambda enc, x: [pool_tokens(t, pool).float() for t in enc.forward_layers(x, list(layers))]  # noqa: E731
+    return encode_dataset(encoder, dataset_or_loader, fn, batch_size, device, limit)
+
+
+def extract_tokens(encoder: nn.Module, dataset_or_loader, batch_size: int = 256, device=None,
+                   limit: int | None = None, dtype: torch.dtype = torch.float16):
+    """All output tokens [N, 1 + T, D] (class token first), cached in `dtype` to halve memory, and labels."""
+    (tokens,), labels = encode_dataset(encoder, dataset_or_loader, lambda enc, x: enc(x).to(dtype),
+                                       batch_size, device, limit)
+    return tokens, labels

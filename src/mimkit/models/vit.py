@@ -125,6 +125,20 @@ class VisionTransformer(nn.Module):
 
     forward_features = forward
 
+    def forward_layers(self, images: torch.Tensor, layers) -> list[torch.Tensor]:
+        """Tokens [B, 1 + N, D] right after each chosen block (0-based indices; negative count from the end),
+        before the final norm, in the order given. Runs only as many blocks as the deepest layer needs."""
+        idx = [i + self.depth if i < 0 else i for i in layers]
+        if any(not 0 <= i < self.depth for i in idx):
+            raise ValueError(f"layers {list(layers)} out of range for {self.depth} blocks")
+        tokens = self.embed(images)
+        x = torch.cat([(self.cls_token + self.pos_embed[:, :1, :]).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        out = {}
+        for i, block in enumerate(self.blocks[: max(idx) + 1]):
+            x = block(x)
+            out[i] = x
+        return [out[i] for i in idx]
+
 
 def pool(features: torch.Tensor, kind: str = "cls") -> torch.Tensor:
     """Image features from encoder output [B, 1 + N, D]: class token, or mean of patch tokens."""

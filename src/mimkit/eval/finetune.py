@@ -1,0 +1,165 @@
+"""End-to-end fine-tuning with MAE's recipe, from the pretrained weights or from random initialisation.
+
+Recipe (timm utilities): AdamW over `timm.optim.param_groups_layer_decay` groups (layer-wise lr decay, no
+weight decay on biases / norms / class token), lr = blr * batch / 256 with warmup + cosine
+(`timm.scheduler.CosineLRScheduler`, per step), stochastic depth (`timm.layers.DropPath` in every block),
+`timm.data.Mixup` (mixup + cutmix + label smoothing) with `timm.loss.SoftTargetCrossEntropy`, and a
+mean-pooled patch feature with LayerNorm + Linear head (MAE's `global_pool`). Defaults are small-scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
+
+from mimkit.eval.features import _collate
+
+
+class Classifier(nn.Module):
+    """encoder tokens [B, 1 + N, D] -> pooled ("mean" patches or "cls") -> LayerNorm -> Linear."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, pool: str = "mean"):
+        super().__init__()
+        self.encoder, self.pool = encoder, pool
+        self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6)
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(images)
+        x = x[:, 1:].mean(1) if self.pool == "mean" else x[:, 0]
+        return self.head(self.fc_norm(x))
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer ids for timm's layer decay: embeddings first, one per block, final norm with the last block."""
+        return dict(
+            stem=r"^encoder\.model\.(?:cls_token|pos_embed|patch_embed|embeddings)",
+            blocks=[(r"^encoder\.model\.(?:blocks|encoder\.layer)\.(\d+)", None),
+                    (r"^encoder\.model\.(?:norm|layernorm)", (99999,))],
+        )
+
+
+def set_drop_path(encoder: nn.Module, rate: float) -> int:
+    """Stochastic depth rising linearly to `rate` over the timm Blocks; returns how many blocks got it."""
+    from timm.layers import DropPath
+
+    blocks = [m for m in encoder.modules() if hasattr(m, "drop_path1") and hasattr(m, "drop_path2")]
+    for i, b in enumerate(blocks):
+        p = rate * i / max(1, len(blocks) - 1)
+        b.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
+        b.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
+    return len(blocks)
+
+
+def random_init(encoder: nn.Module) -> nn.Module:
+    """A copy of the (wrapped) encoder with the same architecture and freshly initialised weights."""
+    from mimkit.eval.encoders import HFEncoder, MimkitEncoder, TimmEncoder
+    from mimkit.models.vit import VisionTransformer
+
+    enc = copy.deepcopy(encoder)
+    if isinstance(enc, MimkitEncoder):
+        m = enc.model
+        enc.model = VisionTransformer(m.grid.img_size, m.grid.patch_size, m.grid.in_chans, m.embed_dim, m.depth,
+                                      m.num_heads, m.mlp_ratio, timm_name=m.timm_name)
+    elif isinstance(enc, TimmEncoder):
+        enc.model.init_weights()
+    elif isinstance(enc, HFEncoder):
+        enc.model.apply(enc.model._init_weights)
+    else:
+        raise TypeError(f"cannot re-initialise a {type(enc).__name__}")
+    return enc
+
+
+def _accuracy(model: nn.Module, loader, device) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for batch in loader:
+            pred = model(batch["image"].to(device)).argmax(-1).cpu()
+            correct += int((pred == batch["label"]).sum())
+            total += batch["label"].numel()
+    return correct / max(1, total)
+
+
+def finetune(encoder: nn.Module, train_data, test_data, num_classes: int, *, from_scratch: bool = False,
+             epochs: int = 5, max_steps: int | None = None, batch_size: int = 128, blr: float = 1e-3,
+             weight_decay: float = 0.05, layer_decay: float = 0.75, drop_path: float = 0.1, mixup: float = 0.8,
+             cutmix: float = 1.0, smoothing: float = 0.1, warmup_fraction: float = 0.1, hflip: bool = True,
+             pool: str = "mean", train_limit: int | None = None, test_limit: int | None = None,
+             device: str | torch.device = "cpu", seed: int = 0) -> dict:
+    """Fine-tune a copy of `encoder` (the caller's stays untouched) and score it on `test_data` at the end.
+
+    Nothing is chosen, so the test split only gives the final figure. Returns {"test_acc", "from_scratch",
+    "steps", "lr", "loss_first", "loss_last", "trainable_params", "seconds", ...}.
+    """
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import param_groups_layer_decay
+    from timm.scheduler import CosineLRScheduler
+
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    enc = random_init(encoder) if from_scratch else copy.deepcopy(encoder)
+    drop_blocks = set_drop_path(enc, drop_path)
+    model = Classifier(enc, num_classes, pool).to(device)
+    # requires_grad is the encoder's own: mimkit's fixed sin-cos position table stays frozen, as in MAE
+
+    if train_limit is not None and train_limit < len(train_data):
+        g = torch.Generator().manual_seed(seed)
+        train_data = Subset(train_data, torch.randperm(len(train_data), generator=g)[:train_limit].tolist())
+    if test_limit is not None and test_limit < len(test_data):
+        test_data = Subset(test_data, range(test_limit))
+    bs = min(batch_size, len(train_data)) // 2 * 2  # Mixup needs an even batch
+    loader = DataLoader(train_data, batch_size=bs, shuffle=True, drop_last=True, collate_fn=_collate,
+                        generator=torch.Generator().manual_seed(seed))
+    test_loader = DataLoader(test_data, batch_size=256, collate_fn=_collate)
+    steps = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
+
+    lr = blr * bs / 256
+    no_wd = [n for n, _ in model.named_parameters() if n.endswith(("cls_token", "pos_embed", "reg_token"))]
+    groups = param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_wd, layer_decay=layer_decay)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    sched = CosineLRScheduler(opt, t_initial=steps, lr_min=1e-6, warmup_t=max(1, int(warmup_fraction * steps)),
+                              warmup_lr_init=1e-6, t_in_epochs=False)
+    mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing, num_classes=num_classes) \
+        if (mixup > 0 or cutmix > 0) else None
+    criterion = SoftTargetCrossEntropy() if mix else (
+        LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss())
+
+    step, losses = 0, []
+    while step < steps:
+        model.train()
+        for batch in loader:
+            if step >= steps:
+                break
+            x, y = batch["image"].to(device), batch["label"].to(device)
+            if hflip:
+                flip = torch.rand(x.shape[0], device=device) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            if mix:
+                x, y = mix(x, y)
+            loss = criterion(model(x), y)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}; lower the lr (blr={blr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            sched.step_update(step)
+            losses.append(loss.item())
+    k = max(1, min(10, len(losses) // 5))
+    return {
+        "test_acc": _accuracy(model, test_loader, device), "from_scratch": from_scratch, "steps": step,
+        "epochs": step / max(1, len(loader)), "batch_size": bs, "lr": lr, "blr": blr, "layer_decay": layer_decay,
+        "drop_path": drop_path, "drop_path_blocks": drop_blocks, "mixup": mixup, "cutmix": cutmix,
+        "smoothing": smoothing, "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
+        "train_size": len(train_data), "test_size": len(test_data),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "seconds": time.perf_counter() - start,
+    }

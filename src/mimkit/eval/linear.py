@@ -1,0 +1,107 @@
+"""Linear probe (MAE's protocol: BatchNorm1d without affine + Linear) on cached frozen features.
+
+A sweep over learning rates is trained in one pass: one shared BatchNorm (it has no parameters) feeds one
+Linear head per learning rate, all on the same batches. The head is chosen on a validation split carved
+from the training features; the test split is only used to score the chosen head.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+def carve_val(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, val indices): a seeded random `fraction` of the training set held out (at least 1)."""
+    n = labels.shape[0]
+    if not 0 < fraction < 1:
+        raise ValueError(f"val fraction must be in (0, 1), got {fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = max(1, int(round(n * fraction)))
+    if k >= n:
+        raise ValueError(f"too few training samples ({n}) to hold out a validation split")
+    return perm[k:].sort().values, perm[:k].sort().values
+
+
+class MultiLinearProbe(nn.Module):
+    """BatchNorm1d(affine=False) shared by `heads` Linear(dim -> classes) heads: logits [H, B, C]."""
+
+    def __init__(self, dim: int, num_classes: int, heads: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(heads))
+        for h in self.heads:
+            nn.init.trunc_normal_(h.weight, std=0.01)
+            nn.init.zeros_(h.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.bn(x)
+        return torch.stack([h(z) for h in self.heads])
+
+
+@torch.no_grad()
+def _accuracies(model: MultiLinearProbe, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+    model.eval()
+    correct = torch.zeros(len(model.heads))
+    for s in range(0, x.shape[0], batch):
+        correct += (model(x[s:s + batch]).argmax(-1) == y[s:s + batch]).sum(1).float()
+    return correct / max(1, x.shape[0])
+
+
+def train_linear_sweep(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs=DEFAULT_LRS, epochs: int = 30,
+                       batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0) -> MultiLinearProbe:
+    """One head per lr, SGD (momentum 0.9) with a cosine schedule, all heads on the same shuffled batches."""
+    torch.manual_seed(seed)
+    x, y = x.float(), y.long()
+    model = MultiLinearProbe(x.shape[1], num_classes, len(lrs))
+    groups = [{"params": h.parameters(), "lr": float(lr)} for h, lr in zip(model.heads, lrs)]
+    opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
+    steps = epochs * math.ceil(x.shape[0] / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(1, steps))))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(x.shape[0], generator=g)
+        for s in range(0, x.shape[0], batch_size):
+            idx = perm[s:s + batch_size]
+            if idx.numel() < 2:
+                continue  # BatchNorm needs two samples
+            logits = model(x[idx])
+            # sum over heads: each head's gradient is its own loss's gradient
+            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(len(lrs)), reduction="mean") * len(lrs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 lrs=DEFAULT_LRS, epochs: int = 30, batch_size: int = 256, val_fraction: float = 0.1,
+                 weight_decay: float = 0.0, seed: int = 0, num_classes: int | None = None) -> dict:
+    """Sweep lrs in one pass on train minus val, choose the best val accuracy, report its test accuracy.
+
+    Returns {"test_acc", "best_lr", "val_acc", "sweep": [{"lr", "val_acc"}...], "train_size", "val_size",
+    "test_size", "seconds"}. Nothing about `test_x` / `test_y` affects the choice.
+    """
+    start = time.perf_counter()
+    c = num_classes or int(max(int(train_y.max()), int(test_y.max()))) + 1
+    tr, va = carve_val(train_y, val_fraction, seed)
+    model = train_linear_sweep(train_x[tr], train_y[tr], c, lrs, epochs, batch_size, weight_decay, seed)
+    val_acc = _accuracies(model, train_x[va].float(), train_y[va].long())
+    best = int(val_acc.argmax())  # ties -> the smallest lr (first in the list)
+    with torch.no_grad():
+        pred = model(test_x.float())[best].argmax(-1)
+    test_acc = float((pred == test_y.long()).float().mean())
+    return {
+        "test_acc": test_acc, "best_lr": float(lrs[best]), "val_acc": float(val_acc[best]),
+        "sweep": [{"lr": float(lr), "val_acc": float(a)} for lr, a in zip(lrs, val_acc)],
+        "train_size": int(tr.numel()), "val_size": int(va.numel()), "test_size": int(test_y.numel()),
+        "epochs": epochs, "seconds": time.perf_counter() - start,
+    }
