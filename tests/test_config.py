@@ -60,3 +60,13 @@ def test_shipped_recipes_validate():
     assert recipes, "configs/ holds no recipe"
     for path in recipes:
         assert isinstance(load_config(path), PretrainConfig)
+
+
+def test_apply_overrides_limits_sections():
+    from mimkit.config import apply_overrides
+
+    cfg = load_config()
+    changed = apply_overrides(cfg, ["data.limit=10", "eval.knn_k=5"])
+    assert changed.data.limit == 10 and changed.eval.knn_k == 5 and cfg.data.limit is None
+    with pytest.raises(ConfigError, match="only data.\\* and eval.\\*"):
+        apply_overrides(cfg, ["model.encoder=vit_base"])

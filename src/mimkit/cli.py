@@ -77,26 +77,11 @@ def _load(ckpt: str):
     return method_from_checkpoint(_checkpoint_path(ckpt))
 
 
-def _data_overrides(cfg, overrides: list[str]):
-    """Apply `data.*` / `eval.*` overrides to a checkpoint's config (to evaluate or draw on other images)."""
-    from mimkit.config import PretrainConfig, build_config, parse_override, _set
-
-    if not overrides:
-        return cfg
-    tree = cfg.model_dump(mode="json")
-    for item in overrides:
-        keys, value = parse_override(item)
-        if keys[0] not in ("data", "eval"):
-            raise SystemExit(f"error: only data.* and eval.* can be overridden here, not {item!r}")
-        _set(tree, keys, value)
-    return build_config(PretrainConfig, tree)
-
-
 def _cmd_eval(args) -> int:
     """Any protocol on a mimkit checkpoint / run folder, `timm:NAME`, `timm:local-dir:DIR` or `hf:DIR`."""
     import torch
 
-    from mimkit.config import PretrainConfig
+    from mimkit.config import PretrainConfig, apply_overrides
     from mimkit.data import build_labelled
     from mimkit.data.build import make_source
     from mimkit.data.errors import DataReport
@@ -108,14 +93,14 @@ def _cmd_eval(args) -> int:
     external = args.checkpoint.startswith(("timm:", "hf:"))
     if external:
         loaded = load_encoder(args.checkpoint)
-        cfg = _data_overrides(PretrainConfig(), args.overrides)
+        cfg = apply_overrides(PretrainConfig(), args.overrides)
         # the encoder's input size is fixed by its position table
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"img_size": list(loaded.img_size)})})
         run_dir = None
     else:
         method, cfg, ckpt = _load(args.checkpoint)
         loaded = wrap_mimkit(method.encoder, ckpt["data"])
-        cfg = _data_overrides(cfg, args.overrides)
+        cfg = apply_overrides(cfg, args.overrides)
         ckpt_path = find_checkpoint(args.checkpoint)
         in_run = Path(args.checkpoint).is_dir() or ckpt_path.parent.name == "checkpoints"
         run_dir = run_dir_of(ckpt_path) if in_run else None
@@ -150,10 +135,11 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_visualize(args) -> int:
+    from mimkit.config import apply_overrides
     from mimkit.pipeline import save_reconstructions
 
     method, cfg, ckpt = _load(args.checkpoint)
-    cfg = _data_overrides(cfg, args.overrides)
+    cfg = apply_overrides(cfg, args.overrides)
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "reconstruction.png"
     path = save_reconstructions(method, cfg, ckpt["data"]["mean"], ckpt["data"]["std"], out, args.num_images)
     if path is None:

@@ -306,5 +306,20 @@ def load_config(
     return build_config(model, tree)
 
 
+def apply_overrides(cfg: BaseModel, overrides, sections: tuple[str, ...] = ("data", "eval")) -> BaseModel:
+    """A copy of `cfg` with `key=value` overrides applied, allowing only the named sections (e.g. to evaluate
+    a checkpoint on other data without touching the architecture it was trained with)."""
+    if not overrides:
+        return cfg
+    tree = cfg.model_dump(mode="json")
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys[0] not in sections:
+            allowed = " and ".join(f"{s}.*" for s in sections)
+            raise ConfigError(f"only {allowed} can be overridden here, not {item!r}")
+        _set(tree, keys, value)
+    return build_config(type(cfg), tree)
+
+
 def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

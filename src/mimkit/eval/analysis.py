@@ -112,26 +112,11 @@ def attention_maps(encoder: nn.Module, images: torch.Tensor, layers=None) -> lis
 @torch.no_grad()
 def layer_features(encoder: nn.Module, images: torch.Tensor, layers=None) -> list[torch.Tensor]:
     """Output tokens of each requested block (default: all), each [B, T, D] float32 on the CPU (before the
-    final norm; the last block's output is the encoder output before `encoder.norm`)."""
-    blocks = _blocks(encoder)
-    idx = _layer_indices(len(blocks), layers)
-    found: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def make_hook(i):
-        def hook(module, args, output):
-            found[i] = output.detach().float().cpu()
-        return hook
-
-    try:
-        for i in idx:
-            handles.append(blocks[i].register_forward_hook(make_hook(i)))
-        with _eval_mode(encoder):
-            encoder(_on_device(encoder, images))
-    finally:
-        for h in handles:
-            h.remove()
-    return [found[i] for i in idx]
+    final norm), from the encoder's own `forward_layers`."""
+    idx = _layer_indices(len(_blocks(encoder)), layers)
+    with _eval_mode(encoder):
+        outs = encoder.forward_layers(_on_device(encoder, images), idx)
+    return [o.detach().float().cpu() for o in outs]
 
 
 def _grid(encoder: nn.Module) -> tuple[int, int, float, float]:

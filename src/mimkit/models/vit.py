@@ -109,12 +109,13 @@ class VisionTransformer(nn.Module):
         """Patch tokens with position embeddings: [B, N, D]."""
         return self.patch_embed(images) + self.pos_embed[:, 1:, :]
 
+    def _with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1)
+
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prepend the class token to already-embedded patch tokens [B, T, D], run blocks and norm."""
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(tokens.shape[0], -1, -1)
-        x = torch.cat([cls, tokens], dim=1)
-        x = self.blocks(x)
-        return self.norm(x)
+        return self.norm(self.blocks(self._with_cls(tokens)))
 
     def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """[B, 1 + T, D]: all patches (T = N, as timm's forward_features) or only `ids_keep` (Long[B, V])."""
@@ -131,8 +132,7 @@ class VisionTransformer(nn.Module):
         idx = [i + self.depth if i < 0 else i for i in layers]
         if any(not 0 <= i < self.depth for i in idx):
             raise ValueError(f"layers {list(layers)} out of range for {self.depth} blocks")
-        tokens = self.embed(images)
-        x = torch.cat([(self.cls_token + self.pos_embed[:, :1, :]).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        x = self._with_cls(self.embed(images))
         out = {}
         for i, block in enumerate(self.blocks[: max(idx) + 1]):
             x = block(x)

@@ -249,20 +249,6 @@ def _summary_section(run_dir: Path) -> str:
 # model-dependent sections (attention maps and analysis)
 
 
-def _apply_overrides(cfg, overrides):
-    from mimkit.config import ConfigError, PretrainConfig, _set, build_config, parse_override
-
-    if not overrides:
-        return cfg
-    tree = cfg.model_dump(mode="json")
-    for item in overrides:
-        keys, value = parse_override(item)
-        if keys[0] not in ("data", "eval"):
-            raise ConfigError(f"only data.* and eval.* can be overridden for a report, not {item!r}")
-        _set(tree, keys, value)
-    return build_config(PretrainConfig, tree)
-
-
 def _model_sections(run_dir: Path, num_images: int, analysis_images: int, overrides,
                     device) -> tuple[str, str, dict | None]:
     """(attention html, analysis html, analysis dict or None)."""
@@ -280,7 +266,9 @@ def _model_sections(run_dir: Path, num_images: int, analysis_images: int, overri
     except Exception as err:  # noqa: BLE001 - shown on the page
         msg = _note(f"could not load the checkpoint {ckpt_path} ({type(err).__name__}: {err})")
         return msg, msg, None
-    cfg = _apply_overrides(cfg, overrides)  # a bad override is the caller's error, not a note
+    from mimkit.config import apply_overrides
+
+    cfg = apply_overrides(cfg, overrides)  # a bad override is the caller's error, not a note
     encoder = getattr(method, "encoder", None)
     if encoder is None or not hasattr(encoder, "blocks"):
         msg = _note(f"method {cfg.method.name!r} has no ViT encoder to analyse")
