@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mimkit.eval.linear import carve_val
+from mimkit.eval.linear import carve_val, shuffled_batches
 
 
 def _head(dim: int, num_classes: int) -> nn.Sequential:
@@ -91,19 +91,13 @@ def train_probe(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, ep
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * t / max(1, steps))))
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(tokens.shape[0], generator=g)
-        for s in range(0, tokens.shape[0], batch_size):
-            idx = perm[s:s + batch_size]
-            if idx.numel() < 2:
-                continue
-            loss = F.cross_entropy(model(tokens[idx].float()), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    model.train()
+    for idx in shuffled_batches(tokens.shape[0], batch_size, epochs, seed):
+        loss = F.cross_entropy(model(tokens[idx].float()), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
     return model.eval()
 
 

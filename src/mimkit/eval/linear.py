@@ -64,22 +64,28 @@ def train_linear_sweep(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs=D
     opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
     steps = epochs * math.ceil(x.shape[0] / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(1, steps))))
+    model.train()
+    for idx in shuffled_batches(x.shape[0], batch_size, epochs, seed):
+        logits = model(x[idx])
+        # sum over heads: each head's gradient is its own loss's gradient
+        loss = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(len(lrs)), reduction="mean") * len(lrs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def shuffled_batches(n: int, batch_size: int, epochs: int, seed: int):
+    """Index batches over `epochs` seeded shuffles of range(n); batches of one are skipped (BatchNorm needs
+    two samples)."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(x.shape[0], generator=g)
-        for s in range(0, x.shape[0], batch_size):
+        perm = torch.randperm(n, generator=g)
+        for s in range(0, n, batch_size):
             idx = perm[s:s + batch_size]
-            if idx.numel() < 2:
-                continue  # BatchNorm needs two samples
-            logits = model(x[idx])
-            # sum over heads: each head's gradient is its own loss's gradient
-            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(len(lrs)), reduction="mean") * len(lrs)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+            if idx.numel() >= 2:
+                yield idx
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

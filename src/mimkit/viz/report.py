@@ -176,15 +176,19 @@ def _details(d) -> str:
     return escape(", ".join(items))
 
 
+def _results(run_dir: Path) -> dict:
+    """results.json of the run, or {} when absent or unreadable."""
+    try:
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def probe_rows(run_dir: Path) -> list[dict]:
     """Rows of the probe table: results.json's kNN figures, then every eval/*.json (sorted by name)."""
     rows = []
-    res = run_dir / "results.json"
-    if res.is_file():
-        try:
-            r = json.loads(res.read_text())
-        except json.JSONDecodeError:
-            r = {}
+    r = _results(run_dir)
+    if r:
         if "knn_top1" in r:
             rows.append({
                 "source": "results.json", "protocol": "knn", "metric": "knn_top1", "value": r["knn_top1"],
@@ -232,12 +236,8 @@ def _config_section(run_dir: Path) -> str:
 
 def _summary_section(run_dir: Path) -> str:
     items = [("run folder", str(run_dir.resolve()))]
-    res = run_dir / "results.json"
-    if res.is_file():
-        try:
-            r = json.loads(res.read_text())
-        except json.JSONDecodeError:
-            r = {}
+    r = _results(run_dir)
+    if r:
         for k in ("global_step", "total_steps", "epoch", "loss", "val_loss", "images_per_s", "knn_top1"):
             if k in r and r[k] is not None:
                 items.append((k, _fmt_value(k, r[k]) if isinstance(r[k], (int, float)) else escape(str(r[k]))))
