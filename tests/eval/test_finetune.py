@@ -56,3 +56,11 @@ def test_layer_decay_groups_and_drop_path():
     enc = _encoder()
     assert set_drop_path(enc, 0.2) == 2
     assert isinstance(enc.model.blocks[1].drop_path1, DropPath) and enc.model.blocks[1].drop_path1.drop_prob == 0.2
+
+
+def test_finetune_is_reproducible_for_a_seed(digits):
+    train, test = digits
+    kw = dict(max_steps=6, epochs=1, batch_size=32, blr=5e-2, train_limit=200, test_limit=100, hflip=False)
+    a = finetune(_encoder(), train, test, 10, seed=3, **kw)
+    b = finetune(_encoder(), train, test, 10, seed=3, **kw)
+    assert a["test_acc"] == b["test_acc"] and a["loss_last"] == b["loss_last"]

@@ -13,6 +13,7 @@ import copy
 import math
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
@@ -105,6 +106,7 @@ def finetune(encoder: nn.Module, train_data, test_data, num_classes: int, *, fro
 
     start = time.perf_counter()
     torch.manual_seed(seed)
+    np.random.seed(seed)  # timm's Mixup draws its lambdas and mixup/cutmix choice from numpy's global RNG
     enc = random_init(encoder) if from_scratch else copy.deepcopy(encoder)
     drop_blocks = set_drop_path(enc, drop_path)
     model = Classifier(enc, num_classes, pool).to(device)
