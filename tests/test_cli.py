@@ -55,3 +55,11 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "did you mean 'base_lr'" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "nope.ckpt")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_default_outputs_go_into_the_run_folder(run_dir):
+    (run_dir / "reconstruction.png").unlink()
+    assert main(["visualize", str(run_dir), "--num-images", "2"]) == 0
+    assert (run_dir / "reconstruction.png").is_file()
+    assert main(["export", str(run_dir / "checkpoints" / "last.ckpt"), "--format", "mae"]) == 0
+    assert (run_dir / "export-mae" / "model.safetensors").is_file()

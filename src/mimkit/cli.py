@@ -43,7 +43,7 @@ def _cmd_pretrain(args) -> int:
             print(f"reconstructions: {path}")
     if cfg.eval.knn:
         if has_labels(cfg.data):
-            knn = knn_evaluation(method, cfg, data.mean, data.std, limit=cfg.eval.knn_limit)
+            knn = knn_evaluation(method, cfg, data.mean, data.std)
             summary.update(knn)
             print(f"kNN top-1 on the {cfg.data.source} test split (k={knn['knn_k']}, T={knn['knn_temperature']}, "
                   f"{knn['bank_size']} bank / {knn['queries']} queries): {100 * knn['knn_top1']:.2f}%")
@@ -67,14 +67,23 @@ def _init_method(cfg, init: dict, source: str):
 
 
 def _checkpoint_path(path: str) -> Path:
-    p = Path(path)
-    return p / "checkpoints" / "last.ckpt" if p.is_dir() else p
+    """A checkpoint file from a file or run folder (engine.checkpoint.find_checkpoint: clear error if absent)."""
+    from mimkit.engine.checkpoint import find_checkpoint
+
+    return find_checkpoint(path)
 
 
 def _load(ckpt: str):
     from mimkit.engine.checkpoint import method_from_checkpoint
 
     return method_from_checkpoint(_checkpoint_path(ckpt))
+
+
+def _run_dir(ckpt: str) -> Path:
+    """The run folder of a checkpoint argument, where default outputs go."""
+    from mimkit.engine.checkpoint import run_dir_of
+
+    return run_dir_of(_checkpoint_path(ckpt).resolve())
 
 
 def _cmd_eval(args) -> int:
@@ -140,7 +149,7 @@ def _cmd_visualize(args) -> int:
 
     method, cfg, ckpt = _load(args.checkpoint)
     cfg = apply_overrides(cfg, args.overrides)
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "reconstruction.png"
+    out = Path(args.out) if args.out else _run_dir(args.checkpoint) / "reconstruction.png"
     path = save_reconstructions(method, cfg, ckpt["data"]["mean"], ckpt["data"]["std"], out, args.num_images)
     if path is None:
         raise SystemExit(f"error: method {cfg.method.name!r} predicts no pixels to draw")
@@ -161,7 +170,7 @@ def _cmd_export(args) -> int:
     from mimkit.interop import export_checkpoint
 
     ckpt = _checkpoint_path(args.checkpoint)
-    out = Path(args.out) if args.out else ckpt.resolve().parent.parent / f"export-{args.format}"
+    out = Path(args.out) if args.out else _run_dir(args.checkpoint) / f"export-{args.format}"
     path = export_checkpoint(ckpt, out, args.format)
     print(f"exported {args.format} weights to {path}")
     return 0

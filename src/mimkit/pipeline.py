@@ -6,7 +6,6 @@ Plain functions over (method, config, data statistics), so notebooks can call th
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -23,11 +22,11 @@ def has_labels(data: DataConfig) -> bool:
     return data.source in ("fashion_mnist", "imagefolder", "torchvision")
 
 
-def knn_evaluation(method, cfg: PretrainConfig, mean, std, *, device: str | torch.device = "cpu",
-                   limit: int | None = None, pool: str = "cls") -> dict:
-    """Weighted kNN accuracy of the method's encoder: train split as the bank, test split as queries."""
+def knn_evaluation(method, cfg: PretrainConfig, mean, std, *, device: str | torch.device = "cpu") -> dict:
+    """Weighted kNN accuracy of the method's encoder (eval.* settings): train split as the bank, test split
+    as queries; the same protocol as `mimkit eval --protocol knn`, flattened into results.json's keys."""
     from mimkit.data import build_labelled
-    from mimkit.eval import extract_features, knn_accuracy
+    from mimkit.eval.protocols import run_protocol
 
     if not has_labels(cfg.data):
         raise ValueError(
@@ -35,23 +34,18 @@ def knn_evaluation(method, cfg: PretrainConfig, mean, std, *, device: str | torc
             f"source, e.g. data.source=imagefolder data.path=DIR"
         )
     data = _with_stats(cfg.data, mean, std)
-    start = time.perf_counter()
-    train = build_labelled(data, "train", mean, std)
-    test = build_labelled(data, "test", mean, std)
-    encoder = method.encoder.to(device).eval()
-    bank, bank_labels = extract_features(encoder, train, pool=pool, batch_size=256, device=device, limit=limit)
-    queries, query_labels = extract_features(encoder, test, pool=pool, batch_size=256, device=device, limit=limit)
-    acc = knn_accuracy(bank, bank_labels, queries, query_labels, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+    train, test = build_labelled(data, "train", mean, std), build_labelled(data, "test", mean, std)
+    res = run_protocol("knn", method.encoder, train, test, cfg.eval, device)
+    d = res["details"]
     return {
-        "knn_top1": acc, "knn_k": cfg.eval.knn_k, "knn_temperature": cfg.eval.knn_temperature, "pool": pool,
-        "bank_size": int(bank.shape[0]), "queries": int(queries.shape[0]), "seconds": time.perf_counter() - start,
+        "knn_top1": res["value"], "knn_k": d["k"], "knn_temperature": d["temperature"], "pool": d["pool"],
+        "bank_size": d["bank_size"], "queries": d["queries"], "seconds": res["seconds"],
     }
 
 
 def reconstruction_batch(cfg: PretrainConfig, mean, std, num_images: int, seed: int = 0) -> dict:
     """A fixed batch of un-augmented images with fixed per-image seeds, for comparable pictures."""
-    from mimkit import rng
-    from mimkit.data import build_labelled, build_pretrain_data
+    from mimkit.data import build_labelled, build_pretrain_data, fixed_batch
 
     data = _with_stats(cfg.data, mean, std)
     if has_labels(data):
@@ -59,22 +53,15 @@ def reconstruction_batch(cfg: PretrainConfig, mean, std, num_images: int, seed: 
     else:
         bundle = build_pretrain_data(data)
         dataset = bundle.val if len(bundle.val) else bundle.train
-    n = min(num_images, len(dataset))
-    indices = torch.arange(n)
-    seeds = rng.sample_seeds(seed, 0, indices)
-    items = [dataset[(int(i), int(s))] for i, s in zip(indices, seeds)]
-    return {"image": torch.stack([it["image"] for it in items]), "seed": seeds}
+    return fixed_batch(dataset, num_images, seed)
 
 
 def save_reconstructions(method, cfg: PretrainConfig, mean, std, path: str | Path, num_images: int = 8) -> Path | None:
+    """Draw the fixed batch's reconstructions to `path`; None (no file) when the method predicts no pixels."""
     from mimkit.viz import save_reconstruction_grid
 
     batch = reconstruction_batch(cfg, mean, std, num_images)
-    method = method.cpu().eval()
-    if method.reconstruct(batch) is None:
-        return None
-    save_reconstruction_grid(method, batch, path, mean, std)
-    return Path(path)
+    return save_reconstruction_grid(method.cpu().eval(), batch, path, mean, std)
 
 
 def write_json(path: str | Path, payload: dict) -> None:

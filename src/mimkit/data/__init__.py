@@ -12,7 +12,7 @@ Items: ``dataset[(index, seed)]`` or ``dataset[index]`` -> ``{"image": Float[C, 
 """
 
 from mimkit.data.build import PretrainData, build_labelled, build_pretrain_data, compute_stats, split_indices
-from mimkit.data.dataset import MIMDataset, index_seed
+from mimkit.data.dataset import MIMDataset, fixed_batch, index_seed
 from mimkit.data.errors import ChannelMismatchError, DataError, DataReport
 from mimkit.data.sampler import SeededSampler
 from mimkit.data.transforms import EvalTransform, TrainTransform
@@ -29,6 +29,7 @@ __all__ = [
     "build_labelled",
     "build_pretrain_data",
     "compute_stats",
+    "fixed_batch",
     "index_seed",
     "split_indices",
 ]

@@ -76,3 +76,12 @@ class MIMDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"MIMDataset({self.source!r}, n={len(self)}, transform={type(self.transform).__name__})"
+
+
+def fixed_batch(dataset, num_images: int, seed: int = 0) -> dict:
+    """The first `num_images` items with seeds fixed by (seed, index): the same images and masks every time
+    (reconstruction pictures comparable across training steps and runs)."""
+    indices = torch.arange(min(num_images, len(dataset)))
+    seeds = rng.sample_seeds(seed, 0, indices)
+    items = [dataset[(int(i), int(s))] for i, s in zip(indices, seeds)]
+    return {"image": torch.stack([it["image"] for it in items]), "seed": seeds}

@@ -588,15 +588,13 @@ class _Loop:
         if not every or epoch % every or not self.rank0 or self.is_fsdp or getattr(self, "_recon_off", False):
             return
         try:
+            from mimkit.data import fixed_batch
             from mimkit.viz import save_reconstruction_grid
 
             if getattr(self, "_recon_batch", None) is None:
                 val = getattr(self.data, "val", None)
                 ds = val if val is not None and len(val) > 0 else self.data.train
-                idx = torch.arange(min(self.cfg.eval.num_images, len(ds)))
-                seeds = rng.sample_seeds(0, 0, idx)
-                items = [ds[(int(i), int(s))] for i, s in zip(idx, seeds)]
-                self._recon_batch = {"image": torch.stack([it["image"] for it in items]), "seed": seeds}
+                self._recon_batch = fixed_batch(ds, self.cfg.eval.num_images)
             path = self.run_dir / "recon" / f"step_{step:06d}.png"
             save_reconstruction_grid(self.model.module, self._recon_batch, path, self.data.mean, self.data.std,
                                      max_images=None)
