@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -90,8 +92,11 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    encoder: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"] = "vit_tiny"
-    patch_size: int = Field(4, ge=1)
+    encoder: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "resnet18", "resnet50"] = Field(
+        "vit_tiny", description="ViT preset, or a timm ResNet for the methods that accept a CNN (a2mim)"
+    )
+    patch_size: int = Field(4, ge=1, description="ViT patch size; for a CNN, the mask-unit size in pixels")
+    depth: int | None = Field(None, ge=1, description="override the preset's number of blocks (quick runs, tests)")
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     decoder: Literal["tiny", "small", "base", "mae"] = Field(
         "tiny", description="decoder preset (depth x width): tiny 2x128, small 4x256, base = mae 8x512 (MAE's own)"
@@ -101,13 +106,25 @@ class ModelConfig(Section):
     decoder_heads: int | None = Field(None, ge=1)
 
 
-class MAEConfig(Section):
-    name: Literal["mae"] = "mae"
-    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
-    norm_pix: bool = True
+class MethodSection(Section):
+    """Base of every method's settings. Each method file defines its own subclass (with `name` a Literal of
+    the method's name) next to the method; `PretrainConfig.method` picks the subclass by `name`."""
+
+    name: str
 
 
-MethodConfig = MAEConfig  # grows into a union discriminated by `name` as methods arrive
+def method_config_class(name: str) -> type[MethodSection]:
+    from mimkit.methods import METHODS, method_class
+
+    if name not in METHODS:
+        close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown method {name!r}{hint}; choose one of {', '.join(METHODS)}")
+    return method_class(name).config_class
+
+
+def _default_method() -> MethodSection:
+    return method_config_class("mae")()
 
 
 class OptimConfig(Section):
@@ -203,12 +220,22 @@ class EvalConfig(Section):
 
 
 class PretrainConfig(Section):
-    method: MethodConfig = Field(default_factory=MAEConfig)
+    method: SerializeAsAny[MethodSection] = Field(default_factory=_default_method)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("method", mode="wrap")
+    @classmethod
+    def _method_by_name(cls, value: Any, handler) -> MethodSection:
+        # the method's own settings class validates the section, so errors name e.g. method.mask_ratio
+        if isinstance(value, MethodSection):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"the method section must be a mapping with a `name`, got {value!r}")
+        return method_config_class(value.get("name", "mae")).model_validate(value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,9 +268,15 @@ def _set(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+def _allowed_fields(model: type[BaseModel], loc: tuple, tree: dict | None = None) -> list[str]:
     """Field names accepted at `loc` (the parent of an unknown key), for the error message."""
     current: Any = model
+    if loc[:1] == ("method",) and model is PretrainConfig:
+        try:
+            current = method_config_class(((tree or {}).get("method") or {}).get("name", "mae"))
+        except ValueError:
+            return []
+        loc = loc[1:]
     for part in loc:
         fields = getattr(current, "model_fields", None)
         if not fields or part not in fields:
@@ -253,13 +286,13 @@ def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
-def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
+def _format_errors(err: ValidationError, model: type[BaseModel], tree: dict | None = None) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(str(x) for x in e["loc"])
         field = ".".join(loc) or "<root>"
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_fields(model, loc[:-1])
+            allowed = _allowed_fields(model, loc[:-1], tree)
             close = difflib.get_close_matches(loc[-1], allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             lines.append(f"unknown field '{field}'{hint}; allowed: {', '.join(allowed)}")
@@ -274,7 +307,7 @@ def build_config(model: type[BaseModel], tree: dict) -> BaseModel:
     try:
         return model.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, model)) from None
+        raise ConfigError(_format_errors(err, model, tree if isinstance(tree, dict) else None)) from None
 
 
 def load_config(

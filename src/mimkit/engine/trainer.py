@@ -475,6 +475,9 @@ class _Loop:
         stopped_early = False
         lv = float("nan")
         model.train()
+        # schedule and EMA hooks of mimkit.methods.Method (a prebuilt plain module may lack them)
+        begin_step = getattr(self.method, "begin_step", None)
+        end_step = getattr(self.method, "end_step", None)
         try:
             while step < self.total_steps and not stopped_early:
                 self.sampler.set_epoch(epoch, position // self.world)
@@ -485,6 +488,8 @@ class _Loop:
                     lr = lr_at(step, self.total_steps, self.warmup, oc.peak_lr, oc.min_lr)
                     set_lr(optimizer, lr)
                     torch.manual_seed(rng.combine(tc.seed, fabric.global_rank, step))
+                    if begin_step is not None:
+                        begin_step(step, self.total_steps)
                     sums = None
                     for micro in range(A):
                         batch = fabric.to_device(next(batches))
@@ -507,6 +512,8 @@ class _Loop:
                         step_metrics["grad_norm"] = float(gnorm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if end_step is not None:
+                        end_step(step, self.total_steps)
                     dt = time.perf_counter() - t_step
                     train_time += dt
                     window_time += dt

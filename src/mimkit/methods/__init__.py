@@ -1,16 +1,45 @@
-"""Methods by name. Each is one file composing slots; this table is the only place that lists them."""
+"""Methods by name. Each is one file composing slots; this table is the only place that lists them.
+
+Entries are "module:Class" so that naming a method imports only its own file.
+"""
 
 from __future__ import annotations
 
-from mimkit.methods.base import Method, Reconstruction
-from mimkit.methods.mae import MAE
+import importlib
 
-METHODS = {"mae": MAE}
+from mimkit.methods.base import Method, Reconstruction
+
+METHODS: dict[str, str] = {
+    "mae": "mimkit.methods.mae:MAE",
+    "simmim": "mimkit.methods.simmim:SimMIM",
+    "maskfeat": "mimkit.methods.maskfeat:MaskFeat",
+    "hpm": "mimkit.methods.hpm:HPM",
+    "localmim": "mimkit.methods.localmim:LocalMIM",
+    "mff": "mimkit.methods.mff:MFF",
+    "dmjd": "mimkit.methods.dmjd:DMJD",
+    "ropim": "mimkit.methods.ropim:ROPIM",
+    "a2mim": "mimkit.methods.a2mim:A2MIM",
+    "selective_mae": "mimkit.methods.selective_mae:SelectiveMAE",
+    "hi_end_mae": "mimkit.methods.hi_end_mae:HiEndMAE",
+}
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def build_method(cfg, img_size, in_chans: int) -> Method:
     """A method from a PretrainConfig's `method` and `model` sections for images of this size and channels."""
-    return METHODS[cfg.method.name].from_config(cfg.method, cfg.model, img_size, in_chans)
+    return method_class(cfg.method.name).from_config(cfg.method, cfg.model, img_size, in_chans)
 
 
-__all__ = ["MAE", "METHODS", "Method", "Reconstruction", "build_method"]
+def __getattr__(name: str):
+    if name == "MAE":  # the one method re-exported here, for `from mimkit.methods import MAE`
+        return method_class("mae")
+    raise AttributeError(name)
+
+
+__all__ = ["METHODS", "Method", "Reconstruction", "build_method", "method_class"]

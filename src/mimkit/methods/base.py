@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from mimkit.models.vit import VisionTransformer
+from mimkit.config import MethodSection
 
 
 @dataclass
@@ -25,9 +26,29 @@ class Method(nn.Module):
 
     `forward(batch)` takes {"image": Float[B,C,H,W], "seed": Long[B], ...} and returns a dict with a scalar
     "loss" and any other scalar metrics to log. Randomness that concerns an image must derive from its seed.
+
+    `config_class` is the method's settings (a MethodSection subclass whose `name` is the method's name) and
+    `from_config(method_cfg, model_cfg, img_size, in_chans)` builds the method from them.
+
+    The engine calls `begin_step(step, total_steps)` before each optimizer step's forward passes and
+    `end_step(step, total_steps)` after the optimizer step (0-based `step`), on every process. Methods with
+    schedules (curricula, EMA momentum) read `self.progress` = step / total_steps, which is a pure function
+    of the step, so a resumed run sees the same schedule; EMA teachers update in `end_step`.
     """
 
-    encoder: VisionTransformer
+    config_class: ClassVar[type[MethodSection]]
+    encoder: nn.Module
+    progress: float = 0.0
+
+    @classmethod
+    def from_config(cls, method, model, img_size, in_chans: int) -> "Method":
+        raise NotImplementedError(f"{cls.__name__} must define from_config")
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        self.progress = step / max(1, total_steps)
+
+    def end_step(self, step: int, total_steps: int) -> None:
+        """Called after the optimizer step: update EMA teachers and the like."""
 
     def reconstruct(self, batch: dict) -> Reconstruction | None:
         """Pixel reconstructions for the picture; None where the method predicts no pixels."""

@@ -5,17 +5,28 @@ Slots: RandomMasking -> VisionTransformer (visible tokens only) -> MAEDecoder ->
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
-from mimkit.config import MAEConfig, ModelConfig
+import torch
+from pydantic import Field
+
+from mimkit.config import MethodSection, ModelConfig
 from mimkit.losses import masked_mse
 from mimkit.masking import Mask, RandomMasking, mask_from_noise
 from mimkit.methods.base import Method, Reconstruction
-from mimkit.models import DECODER_PRESETS, MAEDecoder, VisionTransformer
+from mimkit.models import MAEDecoder, VisionTransformer
 from mimkit.targets import PixelTarget
 
 
+class MAEConfig(MethodSection):
+    name: Literal["mae"] = "mae"
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+    norm_pix: bool = True
+
+
 class MAE(Method):
+    config_class = MAEConfig
+
     def __init__(self, encoder: VisionTransformer, decoder: MAEDecoder, mask_ratio: float = 0.75, norm_pix: bool = True):
         super().__init__()
         self.encoder = encoder
@@ -26,14 +37,8 @@ class MAE(Method):
 
     @classmethod
     def from_config(cls, method: MAEConfig, model: ModelConfig, img_size, in_chans: int) -> "MAE":
-        encoder = VisionTransformer.from_preset(model.encoder, img_size, model.patch_size, in_chans, model.drop_path)
-        spec = DECODER_PRESETS[model.decoder]
-        decoder = MAEDecoder(
-            encoder.grid.shape, encoder.embed_dim, encoder.grid.patch_dim,
-            dim=model.decoder_dim or spec.dim, depth=model.decoder_depth or spec.depth,
-            num_heads=model.decoder_heads or spec.num_heads,
-        )
-        return cls(encoder, decoder, method.mask_ratio, method.norm_pix)
+        encoder = VisionTransformer.from_config(model, img_size, in_chans)
+        return cls(encoder, MAEDecoder.from_config(model, encoder), method.mask_ratio, method.norm_pix)
 
     def make_mask(self, batch: dict) -> Mask:
         if "mask_noise" in batch:  # explicit noise: used to compare with other implementations

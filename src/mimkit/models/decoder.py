@@ -46,6 +46,17 @@ class MAEDecoder(nn.Module):
         init_mae_weights(self)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    @classmethod
+    def from_config(cls, model, encoder, out_dim: int | None = None) -> "MAEDecoder":
+        """The decoder a `model` section (ModelConfig) describes, for this encoder; predicts `out_dim` values
+        per patch (default: the encoder's patch pixels)."""
+        spec = DECODER_PRESETS[model.decoder]
+        return cls(
+            encoder.grid.shape, encoder.embed_dim, out_dim or encoder.grid.patch_dim,
+            dim=model.decoder_dim or spec.dim, depth=model.decoder_depth or spec.depth,
+            num_heads=model.decoder_heads or spec.num_heads,
+        )
+
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent [B, 1 + V, De] (class token first, visible tokens in keep order) -> predictions [B, N, out]."""
         x = self.embed(latent)

@@ -86,12 +86,18 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
 
     @classmethod
-    def from_preset(cls, name: str, img_size, patch_size, in_chans: int, drop_path_rate: float = 0.0):
+    def from_preset(cls, name: str, img_size, patch_size, in_chans: int, drop_path_rate: float = 0.0,
+                    depth: int | None = None):
         if name not in VIT_PRESETS:
-            raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(VIT_PRESETS)}")
+            raise ValueError(f"encoder {name!r} is not a ViT; this method needs one of {sorted(VIT_PRESETS)}")
         s = VIT_PRESETS[name]
-        return cls(img_size, patch_size, in_chans, s.embed_dim, s.depth, s.num_heads,
+        return cls(img_size, patch_size, in_chans, s.embed_dim, depth or s.depth, s.num_heads,
                    drop_path_rate=drop_path_rate, timm_name=s.timm_name)
+
+    @classmethod
+    def from_config(cls, model, img_size, in_chans: int) -> "VisionTransformer":
+        """The encoder a config's `model` section describes (a ModelConfig)."""
+        return cls.from_preset(model.encoder, img_size, model.patch_size, in_chans, model.drop_path, model.depth)
 
     @property
     def depth(self) -> int:
@@ -125,6 +131,30 @@ class VisionTransformer(nn.Module):
         return self.forward_tokens(tokens)
 
     forward_features = forward
+
+    def embed_masked(self, images: torch.Tensor, masked: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        """All N patch tokens with position embeddings, hidden ones (`masked` Bool[B, N]) replaced by
+        `mask_token` [1, 1, D] before the position embedding is added (SimMIM/BEiT corruption): [B, N, D]."""
+        tokens = self.patch_embed(images)
+        w = masked.unsqueeze(-1).to(tokens.dtype)
+        tokens = tokens * (1 - w) + mask_token.to(tokens.dtype) * w
+        return tokens + self.pos_embed[:, 1:, :]
+
+    def run_blocks(self, tokens: torch.Tensor, taps=()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Class token + embedded patch tokens [B, T, D] through every block and the final norm.
+
+        Returns (normed output [B, 1 + T, D], {i: tokens right after block i, before the norm}) for the
+        0-based block indices in `taps` (negative indices count from the end; keys are as given)."""
+        want = {(i + self.depth if i < 0 else i): i for i in taps}
+        if any(not 0 <= i < self.depth for i in want):
+            raise ValueError(f"taps {list(taps)} out of range for {self.depth} blocks")
+        x = self._with_cls(tokens)
+        out = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in want:
+                out[want[i]] = x
+        return self.norm(x), out
 
     def forward_layers(self, images: torch.Tensor, layers) -> list[torch.Tensor]:
         """Tokens [B, 1 + N, D] right after each chosen block (0-based indices; negative count from the end),
