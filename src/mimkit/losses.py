@@ -14,3 +14,11 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) ->
     weight = where.to(per_patch.dtype)
     loss = (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
     return loss, per_patch
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean absolute error per patch [B, N], averaged over the patches where `where` is True (as masked_mse)."""
+    per_patch = (pred.float() - target.float()).abs().mean(dim=-1)
+    weight = where.to(per_patch.dtype)
+    loss = (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
+    return loss, per_patch

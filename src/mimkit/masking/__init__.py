@@ -1,4 +1,5 @@
 from mimkit.masking.base import Mask
+from mimkit.masking.coarse import CoarseMasking
 from mimkit.masking.random import RandomMasking, mask_from_noise
 
-__all__ = ["Mask", "RandomMasking", "mask_from_noise"]
+__all__ = ["CoarseMasking", "Mask", "RandomMasking", "mask_from_noise"]
