@@ -70,3 +70,16 @@ def test_apply_overrides_limits_sections():
     assert changed.data.limit == 10 and changed.eval.knn_k == 5 and cfg.data.limit is None
     with pytest.raises(ConfigError, match="only data.\\* and eval.\\*"):
         apply_overrides(cfg, ["model.encoder=vit_base"])
+
+
+def test_method_section_is_validated_by_the_named_methods_own_settings():
+    with pytest.raises(ConfigError, match=r"unknown method 'maee' \(did you mean 'mae'\?\)"):
+        load_config(overrides=["method=maee"])
+    with pytest.raises(ConfigError, match=r"unknown field 'method.mask_ratoi' \(did you mean 'mask_ratio'\?\)"):
+        load_config(overrides=["method.mask_ratoi=0.5"])
+    with pytest.raises(ConfigError, match=r"field 'method.mask_ratio'"):
+        load_config(overrides=["method.mask_ratio=1.5"])
+    cfg = load_config(overrides=["method=mae", "method.norm_pix=false"])
+    assert cfg.method.name == "mae" and cfg.method.norm_pix is False
+    # the dump keeps the method's own fields, so a saved config loads back the same
+    assert load_config(base=cfg.model_dump(mode="json")) == cfg

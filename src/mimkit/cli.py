@@ -15,7 +15,7 @@ DEFAULT_RECIPE = "the built-in default (MAE ViT-Tiny/4 on Fashion-MNIST)"
 def _cmd_pretrain(args) -> int:
     from mimkit.config import load_config, to_yaml
     from mimkit.engine import train
-    from mimkit.pipeline import has_labels, knn_evaluation, save_reconstructions, write_json
+    from mimkit.pipeline import has_labels, knn_evaluation, save_mask_attention, save_reconstructions, write_json
 
     init, base = None, None
     if args.init:
@@ -41,6 +41,10 @@ def _cmd_pretrain(args) -> int:
         if path:
             summary["reconstruction"] = str(path)
             print(f"reconstructions: {path}")
+        else:  # no pixel predictions: the masks the method draws and where its encoder looks
+            path = save_mask_attention(method, cfg, data.mean, data.std, run_dir / "masks.png", cfg.eval.num_images)
+            summary["masks"] = str(path)
+            print(f"masks and attention: {path}")
     if cfg.eval.knn:
         if has_labels(cfg.data):
             knn = knn_evaluation(method, cfg, data.mean, data.std)
@@ -152,7 +156,11 @@ def _cmd_visualize(args) -> int:
     out = Path(args.out) if args.out else _run_dir(args.checkpoint) / "reconstruction.png"
     path = save_reconstructions(method, cfg, ckpt["data"]["mean"], ckpt["data"]["std"], out, args.num_images)
     if path is None:
-        raise SystemExit(f"error: method {cfg.method.name!r} predicts no pixels to draw")
+        from mimkit.pipeline import save_mask_attention
+
+        path = save_mask_attention(method, cfg, ckpt["data"]["mean"], ckpt["data"]["std"],
+                                   out.with_name(out.stem.replace("reconstruction", "masks") + out.suffix), args.num_images)
+        print(f"method {cfg.method.name!r} predicts no pixels: drew its masks and class-token attention instead")
     print(f"wrote {path}")
     return 0
 

@@ -64,5 +64,27 @@ def save_reconstructions(method, cfg: PretrainConfig, mean, std, path: str | Pat
     return save_reconstruction_grid(method.cpu().eval(), batch, path, mean, std)
 
 
+@torch.no_grad()
+def save_mask_attention(method, cfg: PretrainConfig, mean, std, path: str | Path, num_images: int = 8) -> Path:
+    """For methods that predict no pixels (HOG, features): the fixed batch with the hidden patches the method
+    chooses (when it has `make_mask`) and the last block's class-token attention (mean over heads)."""
+    from mimkit.eval.analysis import cls_attention
+    from mimkit.viz.attention import render_attention_grid
+
+    method = method.cpu().eval()
+    batch = reconstruction_batch(cfg, mean, std, num_images)
+    images = batch["image"]
+    maps = []
+    mask = method.make_mask(batch) if hasattr(method, "make_mask") else None
+    if mask is not None and getattr(mask, "masked", None) is not None and hasattr(method.encoder, "grid"):
+        maps.append(mask.masked.float().view(-1, *method.encoder.grid.shape))
+    if hasattr(method.encoder, "blocks"):
+        maps.append(cls_attention(method.encoder, images, layers=[-1])[0].mean(dim=1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    render_attention_grid(images, maps, mean, std).save(path, format="PNG")
+    return path
+
+
 def write_json(path: str | Path, payload: dict) -> None:
     Path(path).write_text(json.dumps(payload, indent=2, default=float) + "\n")
