@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mimkit import rng
@@ -30,6 +32,8 @@ class RandomMasking:
             raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
         self.ratio = ratio
 
-    def __call__(self, seeds: torch.Tensor, num_patches: int) -> Mask:
-        """`seeds` (Long[B]) fix each image's mask independently of batch composition."""
+    def __call__(self, seeds: torch.Tensor, grid) -> Mask:
+        """`seeds` (Long[B]) fix each image's mask independently of batch composition; `grid` is the patch
+        grid's shape (gh, gw), as every mask generator takes, or the number of patches."""
+        num_patches = grid if isinstance(grid, int) else math.prod(grid)
         return mask_from_noise(rng.uniform(seeds, num_patches, stream=1), self.ratio)
