@@ -227,3 +227,20 @@ def test_resolve_resume_auto(tmp_path):
     assert resolve_resume(str(tmp_path / "mae-vit_small-fashionmnist-20240103-000000"), cfg).name == "last.ckpt"
     with pytest.raises(ckpt_io.CheckpointError, match="not found"):
         resolve_resume(str(tmp_path / "nope.ckpt"), cfg)
+
+
+def test_a_methods_lr_scale_multiplies_the_base_lr_rule_unless_lr_is_explicit(tmp_path):
+    if not have_images():
+        pytest.skip("no real images")
+    from mimkit.engine.optim import lr_at, warmup_steps
+
+    # DMJD scales the base-lr rule by pred_ratio / mask_ratio = 1.0 / 0.5 = 2
+    ruled = tiny_config(tmp_path, "method=dmjd", "method.mask_ratio=0.5", "optim.lr=null", "optim.base_lr=1e-3",
+                        "model.depth=1", "optim.max_steps=2", "trainer.run_name=ruled")
+    res = train(ruled, data=tiny_data())
+    peak = 1e-3 * 8 / 256 * 2.0
+    assert res.history[0]["lr"] == pytest.approx(lr_at(0, 2, warmup_steps(2, 0.3), peak))
+    explicit = tiny_config(tmp_path, "method=dmjd", "method.mask_ratio=0.5", "model.depth=1", "optim.max_steps=2",
+                           "trainer.run_name=explicit")
+    res = train(explicit, data=tiny_data())
+    assert res.history[0]["lr"] == pytest.approx(lr_at(0, 2, warmup_steps(2, 0.3), 1e-3))

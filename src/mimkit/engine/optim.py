@@ -58,9 +58,10 @@ def no_decay_names(module: nn.Module) -> set[str]:
     return {clean_name(n) for n, p in module.named_parameters() if p.requires_grad and is_no_decay(n, p)}
 
 
-def build_optimizer(module: nn.Module, optim_cfg, no_decay: Iterable[str] | None = None) -> torch.optim.AdamW:
+def build_optimizer(module: nn.Module, optim_cfg, no_decay: Iterable[str] | None = None,
+                    lr: float | None = None) -> torch.optim.AdamW:
     groups = param_groups(module, optim_cfg.weight_decay, no_decay)
-    return torch.optim.AdamW(groups, lr=optim_cfg.peak_lr, betas=tuple(optim_cfg.betas))
+    return torch.optim.AdamW(groups, lr=optim_cfg.peak_lr if lr is None else lr, betas=tuple(optim_cfg.betas))
 
 
 def warmup_steps(total_steps: int, warmup_fraction: float) -> int:

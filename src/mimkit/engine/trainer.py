@@ -324,8 +324,11 @@ class _Loop:
         fabric.barrier()
 
         no_decay = no_decay_names(method)
+        # a method may scale the base-lr rule (DMJD: pred_ratio / mask_ratio); an explicit optim.lr is used as given
+        scale = getattr(method, "lr_scale", None)
+        self.peak_lr = oc.peak_lr * (scale(self.resolved) if scale is not None and oc.lr is None else 1.0)
         model = fabric.setup_module(method)
-        optimizer = fabric.setup_optimizers(build_optimizer(model, oc, no_decay))
+        optimizer = fabric.setup_optimizers(build_optimizer(model, oc, no_decay, lr=self.peak_lr))
         self.model, self.optimizer = model, optimizer
         self.scaler = getattr(fabric.strategy.precision, "scaler", None)
 
@@ -462,7 +465,7 @@ class _Loop:
                             unit="step", file=sys.stderr)
         self.print(
             f"run dir: {self.run_dir}\n{self.total_steps} optimizer steps ({self.steps_per_epoch}/epoch) of "
-            f"{B} images = {self.world} device(s) x {self.micro} x {A} accumulation; peak lr {oc.peak_lr:.3g}, "
+            f"{B} images = {self.world} device(s) x {self.micro} x {A} accumulation; peak lr {self.peak_lr:.3g}, "
             f"{self.warmup} warmup steps"
         )
         stop_at = tc.stop_after_steps
@@ -485,7 +488,7 @@ class _Loop:
                 n_steps = min((epoch_len - position) // B, self.total_steps - step)
                 for _ in range(n_steps):
                     t_step = time.perf_counter()
-                    lr = lr_at(step, self.total_steps, self.warmup, oc.peak_lr, oc.min_lr)
+                    lr = lr_at(step, self.total_steps, self.warmup, self.peak_lr, oc.min_lr)
                     set_lr(optimizer, lr)
                     torch.manual_seed(rng.combine(tc.seed, fabric.global_rank, step))
                     if begin_step is not None:

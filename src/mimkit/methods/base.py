@@ -44,6 +44,12 @@ class Method(nn.Module):
     def from_config(cls, method, model, img_size, in_chans: int) -> "Method":
         raise NotImplementedError(f"{cls.__name__} must define from_config")
 
+    @staticmethod
+    def lr_scale(cfg) -> float:
+        """Factor on the base-lr rule (lr = base_lr * batch / 256 * factor) for methods whose papers scale it
+        (DMJD: pred_ratio / mask_ratio); `cfg` is the PretrainConfig. An explicit optim.lr is used unscaled."""
+        return 1.0
+
     def begin_step(self, step: int, total_steps: int) -> None:
         self.progress = step / max(1, total_steps)
 

@@ -1,0 +1,24 @@
+"""The masking slot by name, for methods that let users swap it (`method.mask=coarse|block|random`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from mimkit.masking.block import BlockMasking
+from mimkit.masking.coarse import CoarseMasking
+from mimkit.masking.random import RandomMasking
+
+MaskKind = Literal["coarse", "block", "random"]
+
+
+def build_masking(kind: str, ratio: float, unit: int = 2, block_min_area: float = 0.08):
+    """A generator called as `masking(seeds, grid_shape) -> Mask`: SimMIM's coarse units of `unit` x `unit`
+    patches, BEiT's blocks (smallest block `block_min_area`: a fraction of N if < 1, else a count), or MAE's
+    uniform random patches."""
+    if kind == "coarse":
+        return CoarseMasking(ratio, unit)
+    if kind == "block":
+        return BlockMasking(ratio, min_area=block_min_area)
+    if kind == "random":
+        return RandomMasking(ratio)
+    raise ValueError(f"unknown mask {kind!r}; choose coarse, block or random")

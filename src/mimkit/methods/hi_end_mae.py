@@ -1,0 +1,122 @@
+"""Hi-End-MAE (Tang et al., MedIA 2025), 2-D port: MAE whose decoder also cross-attends to intermediate encoder layers.
+
+Encoder-driven hierarchical dense decoding: the decoder starts from MAE's sequence (projected final visible tokens +
+mask tokens + sin-cos positions), runs self-attention blocks, then one cross-attention block per tapped encoder
+layer, deepest first (the reference reads layers 9, 6, 3 of 12 in that order), each with its own Linear projection of
+that layer's visible tokens. Loss: norm-pix MSE on masked patches.
+
+Slots: RandomMasking -> VisionTransformer (visible tokens, run_blocks taps) -> CrossDecoder(memories = taps) ->
+PixelTarget -> masked MSE.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from mimkit.config import MethodSection, ModelConfig
+from mimkit.losses import masked_mse
+from mimkit.masking import Mask, RandomMasking, mask_from_noise
+from mimkit.methods.base import Method, Reconstruction
+from mimkit.models import DECODER_PRESETS, VisionTransformer
+from mimkit.models.cross_decoder import CrossDecoder
+from mimkit.models.vit import init_mae_weights
+from mimkit.targets import PixelTarget
+
+
+class HiEndMAEConfig(MethodSection):
+    name: Literal["hi_end_mae"] = "hi_end_mae"
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="share of patches hidden from the encoder")
+    norm_pix: bool = Field(True, description="per-patch normalised pixel targets (MAE's norm_pix_loss)")
+    cross_layers: list[float] = Field(
+        [0.75, 0.5, 0.25], min_length=1,
+        description="encoder layers the cross-attention blocks read, in decoding order, as fractions of depth: "
+                    "f means 1-based block round(f * depth), clamped to [1, depth] (ViT-12: 9, 6, 3)",
+    )
+
+
+def tap_index(fraction: float, depth: int) -> int:
+    """0-based block index for a depth fraction: 1-based layer round-half-up(f * depth), clamped to [1, depth]."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"layer fractions must be in (0, 1], got {fraction}")
+    return min(depth, max(1, math.floor(fraction * depth + 0.5))) - 1
+
+
+class HiEndMAE(Method):
+    config_class = HiEndMAEConfig
+
+    def __init__(self, encoder: VisionTransformer, decoder: CrossDecoder, cross_layers=(0.75, 0.5, 0.25),
+                 mask_ratio: float = 0.75, norm_pix: bool = True):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.grid = encoder.grid
+        self.taps = [tap_index(f, encoder.depth) for f in cross_layers]
+        if len(self.taps) != len(decoder.cross_blocks):
+            raise ValueError(f"{len(self.taps)} tapped layers but {len(decoder.cross_blocks)} cross-attention blocks")
+        # one projection per decoder input, as the reference (4 Linear layers: final output + 3 taps)
+        self.proj_final = nn.Linear(encoder.embed_dim, decoder.dim)
+        self.proj_layers = nn.ModuleList([nn.Linear(encoder.embed_dim, decoder.dim) for _ in self.taps])
+        init_mae_weights(self.proj_final)
+        init_mae_weights(self.proj_layers)
+        self.masking = RandomMasking(mask_ratio)
+        self.target = PixelTarget(self.grid, norm=norm_pix)
+
+    @classmethod
+    def from_config(cls, method: HiEndMAEConfig, model: ModelConfig, img_size, in_chans: int) -> "HiEndMAE":
+        encoder = VisionTransformer.from_config(model, img_size, in_chans)
+        spec = DECODER_PRESETS[model.decoder]
+        dim = model.decoder_dim or spec.dim
+        # the preset's depth is the number of self-attention blocks (reference: 2 self + 3 cross); each cross block
+        # also self-attends first, as the reference builds them with self_attn=True
+        decoder = CrossDecoder(
+            encoder.grid.shape, [dim] * len(method.cross_layers), encoder.grid.patch_dim, dim=dim,
+            num_heads=model.decoder_heads or spec.num_heads, self_depth=model.decoder_depth or spec.depth,
+            cross_self_attn=True,
+        )
+        return cls(encoder, decoder, method.cross_layers, method.mask_ratio, method.norm_pix)
+
+    def make_mask(self, batch: dict) -> Mask:
+        if "mask_noise" in batch:
+            return mask_from_noise(batch["mask_noise"], self.masking.ratio)
+        return self.masking(batch["seed"], self.grid.num_patches)
+
+    def encode(self, images: torch.Tensor, mask: Mask) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(normed output [B, 1 + V, D], {block index: pre-norm tokens [B, 1 + V, D]}) on the visible patches."""
+        tokens = self.encoder.embed(images)
+        tokens = torch.gather(tokens, 1, mask.ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return self.encoder.run_blocks(tokens, taps=sorted(set(self.taps)))
+
+    def memories(self, layers: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        """What cross-attention block i reads: proj_i(block taps[i]'s visible tokens, class token included).
+        The reference projects raw hidden states (no LayerNorm, no added positions: they already carry them)."""
+        return [proj(layers[t]) for proj, t in zip(self.proj_layers, self.taps)]
+
+    def predict(self, images: torch.Tensor, mask: Mask) -> torch.Tensor:
+        latent, layers = self.encode(images, mask)
+        x = self.decoder.fill(self.proj_final(latent), mask.ids_restore)
+        return self.decoder(x, self.memories(layers))[:, 1:, :]
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch["image"]
+        mask = self.make_mask(batch)
+        pred = self.predict(images, mask)
+        with torch.no_grad():
+            target = self.target(images)
+        loss, _ = masked_mse(pred, target, mask.masked)
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def reconstruct(self, batch: dict) -> Reconstruction:
+        images = batch["image"]
+        mask = self.make_mask(batch)
+        pred = self.target.to_pixels(self.predict(images, mask).float(), images.float())
+        hidden = self.grid.expand_mask(mask.masked)
+        return Reconstruction(
+            original=images, masked=images.masked_fill(hidden, 0.0), prediction=pred,
+            pasted=torch.where(hidden, pred, images),
+        )
