@@ -37,3 +37,35 @@ def test_timm_folder_imports_back_with_the_same_encoder(write_ckpt, tmp_path):
     assert cfg.model.encoder == "vit_tiny" and cfg.model.patch_size == 4
     for k, v in method.encoder.state_dict().items():
         assert torch.equal(back.encoder.state_dict()[k], v), k
+
+
+def _a2mim_resnet_checkpoint(tmp_path, img_size):
+    from mimkit.config import PretrainConfig
+    from mimkit.interop import save_method_checkpoint
+    from mimkit.methods import build_method
+
+    cfg = PretrainConfig(method={"name": "a2mim"}, model={"encoder": "resnet18", "patch_size": 16},
+                         data={"img_size": img_size, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3})
+    torch.manual_seed(0)
+    method = build_method(cfg, (img_size, img_size), 3).eval()
+    meta = {"img_size": [img_size, img_size], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    return save_method_checkpoint(method, cfg, meta, tmp_path / f"r{img_size}.ckpt"), method
+
+
+def test_a_cnn_exports_to_timm_with_its_own_pooling_and_names(tmp_path):
+    path, method = _a2mim_resnet_checkpoint(tmp_path, 64)
+    out = export_checkpoint(path, tmp_path / "timm", "timm")
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["global_pool"] == "avg" and conf["pretrained_cfg"]["first_conv"] == "conv1"
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), method.encoder(x)[:, 0], atol=1e-5, rtol=0)  # pooled feature
+
+
+def test_a_cnn_timm_cannot_express_is_refused_by_name(tmp_path):
+    from mimkit.interop.export import ExportError
+
+    path, _ = _a2mim_resnet_checkpoint(tmp_path, 32)  # small-image stem: conv1 stride 1, no maxpool
+    with pytest.raises(ExportError, match="small-image stem"):
+        export_checkpoint(path, tmp_path / "timm", "timm")

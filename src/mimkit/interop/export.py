@@ -25,16 +25,22 @@ def _state(method) -> dict:
 def _timm_config(method, data: dict) -> dict:
     enc = method.encoder
     c, (h, w) = enc.grid.in_chans, enc.grid.img_size
+    cnn = hasattr(enc, "stage_names")
+    if cnn and (enc.depth < 4 or enc.small_stem):
+        raise ExportError(
+            f"this {enc.timm_name} has {'a small-image stem (conv1 stride 1, no maxpool)' if enc.small_stem else f'only {enc.depth} stages'}, "
+            "which timm's model arguments cannot express; its weights load into timm by hand (see mimkit.models.cnn)"
+        )
     return {
         "architecture": enc.timm_name,
         "num_classes": 0,
         "num_features": enc.embed_dim,
-        "global_pool": "token",
+        "global_pool": "avg" if cnn else "token",
         "model_args": enc.timm_kwargs(),
         "pretrained_cfg": {
             "tag": "mimkit_mae",
             "input_size": [c, h, w],
-            "fixed_input_size": True,
+            "fixed_input_size": not cnn,  # timm passes img_size to models with a fixed input size
             "interpolation": "bicubic",
             "crop_pct": 1.0,
             "crop_mode": "center",
@@ -42,8 +48,8 @@ def _timm_config(method, data: dict) -> dict:
             "std": list(data["std"]),
             "num_classes": 0,
             "pool_size": None,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
+            "first_conv": "conv1" if cnn else "patch_embed.proj",
+            "classifier": "fc" if cnn else "head",
         },
     }
 
