@@ -57,14 +57,21 @@ class MAEDecoder(nn.Module):
             num_heads=model.decoder_heads or spec.num_heads,
         )
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """latent [B, 1 + V, De] (class token first, visible tokens in keep order) -> predictions [B, N, out]."""
+    def tokens(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """The decoder's input [B, 1 + N, Dd]: embedded visible tokens and mask tokens back in raster order, plus
+        position embeddings. latent [B, 1 + V, De]: class token first, visible tokens in keep order."""
         x = self.embed(latent)
         b, n = ids_restore.shape
         visible = x[:, 1:, :]
         fill = self.mask_token.to(x.dtype).expand(b, n - visible.shape[1], -1)
         x_ = torch.cat([visible, fill], dim=1)
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # back to raster order
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.pos_embed
-        x = self.norm(self.blocks(x))
-        return self.pred(x[:, 1:, :])
+        return torch.cat([x[:, :1, :], x_], dim=1) + self.pos_embed
+
+    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Blocks, norm and the linear prediction for decoder tokens [B, 1 + N, Dd] -> [B, N, out]."""
+        return self.pred(self.norm(self.blocks(tokens))[:, 1:, :])
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent [B, 1 + V, De] (class token first, visible tokens in keep order) -> predictions [B, N, out]."""
+        return self.head(self.tokens(latent, ids_restore))

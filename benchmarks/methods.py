@@ -1,0 +1,647 @@
+"""Every MIM method against MAE for the same CPU budget on Fashion-MNIST: loss curves, probes, claims.
+
+For each method (recipe `configs/<name>_vit_tiny_fmnist.yaml` plus the same common overrides: data, batch
+size, seed, no progress bar, no pictures, out_dir in a work folder), the script
+
+1. calibrates seconds per optimizer step: a fresh copy of the method, the trainer's AdamW, a few steps after
+   warm-up (data loading included, the steps spread over the method's schedule);
+2. sets `optim.max_steps = budget / (s/step)`, so that the lr schedule (and any curriculum) spans the run,
+   and trains from scratch with `mimkit.engine.train` on the one shared PretrainData;
+3. records steps, wall time, images/s, the loss curve (the trainer's per-step history), the fixed-mask
+   held-out loss (`val_loss`, the method's own loss: not comparable across methods);
+4. evaluates the encoder like every other one: tokens once over a seeded subset of the Fashion-MNIST training
+   images and the first test images, then weighted kNN (class token, k=20, T=0.07), the linear probe
+   (BatchNorm + linear, lr sweep chosen on a validation split) and the cross-attention pooler on the patch
+   tokens (`EvalConfig` defaults); a "random init" row (the MAE recipe's encoder, untrained) is the floor;
+5. checks the card's small-scale claim where one fits this budget (HPM's ranking accuracy, MFF's fusion
+   weights, DMJD against MAE at equal wall-clock).
+
+A method that fails to build, train or evaluate is reported with its error and the script goes on; the exit
+status is non-zero only if MAE fails. Writes a markdown report (`--out`), an SVG of the loss curves beside it
+and, with `--json`, every figure.
+
+The full run (11 methods and the random-init row in about 30-35 minutes on 2 quiet cores: per method about
+60 s of training, 10 s of calibration, 25 s of setup, validation and checkpoint, and 50-60 s of evaluation,
+mostly the encoder's pass over the 7,000 probe images; the log prints a running projection after each method):
+
+    .venv/bin/python benchmarks/methods.py --methods all --budget-s 60 --threads 2 \
+        --eval-train 5000 --eval-test 2000 --attentive-train 2000 \
+        --out docs/methods.md --json benchmarks/results/methods.json
+
+On a machine shared with other jobs, `--threads 1` (two threads fighting other processes for two cores ran
+about 10x slower per step in our tests); the same budget then buys fewer steps, which the table shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RANDOM = "random init"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# budget
+
+
+def steps_for_budget(budget_s: float, s_per_step: float, min_steps: int = 1, max_steps: int | None = None) -> int:
+    """Optimizer steps that fit `budget_s` seconds at `s_per_step` (at least `min_steps`, at most `max_steps`)."""
+    if not (s_per_step > 0 and math.isfinite(s_per_step)):
+        raise ValueError(f"seconds per step must be a positive number, got {s_per_step}")
+    steps = max(int(min_steps), int(budget_s / s_per_step))
+    return min(steps, int(max_steps)) if max_steps else steps
+
+
+def calibrate(cfg, data, warmup: int = 2, steps: int = 4) -> dict:
+    """Seconds per optimizer step of a fresh copy of the method, as the trainer runs it (data loading,
+    begin_step, forward, backward, AdamW step, end_step); the timed steps are spread over the schedule."""
+    from torch.utils.data import DataLoader, default_collate
+
+    from mimkit.engine.optim import build_optimizer, no_decay_names
+    from mimkit.methods import build_method
+
+    torch.manual_seed(cfg.trainer.seed)
+    method = build_method(cfg, tuple(data.img_size), int(data.channels)).train()
+    opt = build_optimizer(method, cfg.optim, no_decay_names(method))
+    batch_size = cfg.optim.batch_size // cfg.optim.accumulate
+    loader = DataLoader(data.train, batch_size=batch_size, shuffle=False, drop_last=True, num_workers=0,
+                        collate_fn=default_collate)
+    pseudo_total = 100  # hooks see progress 0 during warm-up, then points spread over (0, 1)
+    times, it = [], iter(loader)
+    for i in range(warmup + steps):
+        step = 0 if i < warmup else round(pseudo_total * (i - warmup + 0.5) / steps)
+        t = time.perf_counter()
+        if hasattr(method, "begin_step"):
+            method.begin_step(step, pseudo_total)
+        for _ in range(cfg.optim.accumulate):
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(loader)
+                batch = next(it)
+            out = method(batch)
+            (out["loss"] / cfg.optim.accumulate).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if hasattr(method, "end_step"):
+            method.end_step(step, pseudo_total)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    times.sort()
+    return {"s_per_step": times[len(times) // 2], "step_times": times, "warmup": warmup}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# card claims: method -> (claim, check(history, row, rows) -> (status, evidence))
+
+
+def _series(history: list[dict], key: str) -> list[float]:
+    return [float(h[key]) for h in history if key in h and h[key] is not None and math.isfinite(float(h[key]))]
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _quarters(vals: list[float]) -> tuple[float, float, int]:
+    q = max(1, len(vals) // 4)
+    return _mean(vals[:q]), _mean(vals[-q:]), q
+
+
+def check_hpm(history, row=None, rows=None):
+    vals = _series(history, "rank_acc")
+    if not vals:
+        return "not logged", "no `rank_acc` in the training history"
+    first, last, q = _quarters(vals)
+    held = last > 0.5 and last > first
+    return ("held" if held else "did not hold",
+            f"rank_acc mean {first:.3f} over the first {q} steps -> {last:.3f} over the last {q} "
+            f"({len(vals)} steps logged)")
+
+
+def check_mff(history, row=None, rows=None):
+    vals = _series(history, "fuse_shallow")
+    if not vals:
+        return "not logged", "no `fuse_shallow` in the training history"
+    first, (_, last, q) = vals[0], _quarters(vals)
+    end = vals[-1]
+    weights = sorted(k for k in (history[-1] if history else {}) if k.startswith("fuse_w"))
+    parts = ", ".join(f"{k[len('fuse_w'):]}:{float(history[-1][k]):.3f}" for k in weights)
+    held = end > first
+    return ("held" if held else "did not hold",
+            f"fuse_shallow {first:.4f} at step 1 -> {end:.4f} at the end (last-{q}-step mean {last:.4f})"
+            + (f"; final weights by block {parts}" if parts else ""))
+
+
+def _probe_se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 1e-6) / max(1, n))
+
+
+def check_dmjd(history, row=None, rows=None):
+    mae = (rows or {}).get("mae") or {}
+    a, b = (row or {}).get("linear"), mae.get("linear")
+    if a is None or b is None:
+        return "n/a", "needs both DMJD's and MAE's linear probe"
+    n = int((row or {}).get("eval_test") or mae.get("eval_test") or 1)
+    se = math.sqrt(_probe_se(a, n) ** 2 + _probe_se(b, n) ** 2)
+    diff = a - b
+    if abs(diff) < 2 * se:
+        status = "inconclusive"
+    else:
+        status = "held" if diff > 0 else "did not hold"
+    return status, (f"linear probe {100 * a:.2f}% vs MAE {100 * b:.2f}% ({100 * diff:+.2f} points; two standard "
+                    f"errors of the difference on {n} test images: {200 * se:.2f})")
+
+
+CLAIMS = {
+    "hpm": ("the loss predictor's ranking accuracy is above 0.5 and rises",
+            "rank_acc (pairwise ranking accuracy of the predicted losses of each training batch's masked patches, "
+            "computed before that batch's update) averaged over the last quarter of steps is > 0.5 and above the "
+            "first quarter's mean", check_hpm),
+    "mff": ("the learned fusion weights move towards shallow layers",
+            "fuse_shallow (weight on layers other than the deepest) ends above its step-1 value", check_mff),
+    "dmjd": ("two disjoint masked views beat MAE at equal wall-clock",
+             "linear probe above MAE's by more than two standard errors (inconclusive within them)", check_dmjd),
+}
+
+# why a method has no claim checked here (the card's small-scale checks need more than this budget)
+NO_CLAIM = {
+    "mae": "the baseline",
+    "simmim": "a baseline, no card claim",
+    "maskfeat": "a baseline, no card claim",
+    "localmim": "card: better FT/LP than MAE at 50-100 epochs; this budget is a fraction of one epoch",
+    "selective_mae": "card: >=2x wall-clock speed-up at matched LP; needs probe-vs-time curves, not measured here",
+    "hi_end_mae": "card: dense-probe (segmentation) gain over MAE; no dense probe here",
+    "ropim": "card: beats SimMIM at equal epochs; runs here have equal time, not equal epochs",
+    "a2mim": "card: IN-100 numbers and ablations; nothing that fits this budget",
+}
+
+
+def check_claim(name: str, history: list[dict], row: dict, rows: dict) -> dict:
+    if row.get("error") and not history:
+        return {"status": "not run", "claim": CLAIMS[name][0] if name in CLAIMS else None,
+                "test": CLAIMS[name][1] if name in CLAIMS else None, "evidence": f"the method failed ({row['stage']})"}
+    if name not in CLAIMS:
+        return {"status": "n/a", "claim": None, "evidence": NO_CLAIM.get(name, "no small-scale claim fits this budget")}
+    claim, test, fn = CLAIMS[name]
+    status, evidence = fn(history, row, rows)
+    return {"status": status, "claim": claim, "test": test, "evidence": evidence}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loss curves
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Centred moving average (shorter at the ends)."""
+    if window <= 1:
+        return list(values)
+    h, out = window // 2, []
+    for i in range(len(values)):
+        chunk = values[max(0, i - h): i + h + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def normalised_curve(history: list[dict], key: str = "loss") -> tuple[list[float], list[float]]:
+    """(fraction of training, loss / first-step loss), smoothed over ~5% of the steps."""
+    vals = _series(history, key)
+    if not vals:
+        return [], []
+    n = len(vals)
+    first = vals[0] if vals[0] != 0 else 1.0
+    ys = smooth([v / first for v in vals], max(1, n // 20))
+    return [(i + 1) / n for i in range(n)], ys
+
+
+def loss_figure(rows: dict, order: list[str], cols: int = 3) -> str:
+    """One SVG: a small chart per method (its normalised loss, MAE's dashed for reference), on a grid."""
+    from mimkit.viz.plots import line_chart_svg
+
+    names = [n for n in order if n != RANDOM and rows.get(n, {}).get("history")]
+    if not names:
+        return ""
+    w, h = 360, 230
+    ref = normalised_curve(rows["mae"]["history"]) if "mae" in rows and rows["mae"].get("history") else None
+    charts = []
+    for n in names:
+        x, y = normalised_curve(rows[n]["history"])
+        series = [{"x": x, "y": y, "label": n, "color": "#1f77b4"}]
+        if ref is not None and n != "mae":
+            series.append({"x": ref[0], "y": ref[1], "label": "mae", "color": "#7f7f7f", "dash": True})
+        r = rows[n]
+        title = f"{n}: {r.get('steps', '?')} steps"
+        charts.append(line_chart_svg(series, title=title, xlabel="fraction of training",
+                                     ylabel="loss / step-1 loss", width=w, height=h))
+    nrows = math.ceil(len(charts) / cols)
+    width, height = w * min(cols, len(charts)), h * nrows
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}">', f'<rect width="{width}" height="{height}" fill="white"/>']
+    for i, svg in enumerate(charts):
+        x, y = (i % cols) * w, (i // cols) * h
+        parts.append(svg.replace("<svg ", f'<svg x="{x}" y="{y}" ', 1))
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# report
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.2f}"
+
+
+def _num(v, fmt: str = ".4f") -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_table(results: dict) -> str:
+    rows, order = results["rows"], results["order"]
+    head = ["method", "steps", "images seen", "train s", "wall s", "img/s", "final train loss", "val_loss",
+            "kNN", "linear", "attentive", "card claim"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * 10 + "---|"]
+    for name in order:
+        r = rows.get(name)
+        if r is None:
+            continue
+        if r.get("error") and r.get("steps") is None:
+            lines.append(f"| {name} | " + " | ".join(["–"] * 10) + f" | **failed** ({r['stage']}): "
+                         f"{_cell(r['error'])} |")
+            continue
+        claim = r.get("claim") or {}
+        ctext = claim.get("status", "n/a")
+        if claim.get("claim"):  # the claim itself and its test are in the section below the table
+            ctext = f"**{ctext}**: {claim['evidence']}"
+        elif claim.get("evidence"):
+            ctext = f"{ctext}: {claim['evidence']}"
+        if r.get("error"):
+            ctext += f"; **failed** ({r['stage']}): {r['error']}"
+        lines.append("| " + " | ".join([
+            name, _num(r.get("steps"), "d"), _num(r.get("images_seen"), ",d"), _num(r.get("train_s"), ".0f"),
+            _num(r.get("wall_s"), ".0f"), _num(r.get("images_per_s"), ".1f"), _num(r.get("loss_final")),
+            _num(r.get("val_loss")), _pct(r.get("knn")), _pct(r.get("linear")), _pct(r.get("attentive")),
+            _cell(ctext),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def reading_notes(results: dict) -> list[str]:
+    """Statements that follow from the numbers in the table, nothing else."""
+    rows, s = results["rows"], results["setup"]
+    trained = [n for n in results["order"] if n != RANDOM and rows.get(n, {}).get("steps") is not None]
+    failed = [n for n in results["order"] if rows.get(n, {}).get("error")]
+    notes = []
+    n_test = s["eval_test"]
+    se = 100 * _probe_se(0.75, n_test)
+    notes.append(f"One seed and {n_test} test images: an accuracy near 75% has a standard error of about "
+                 f"{se:.1f} points, so differences below about {2 * se * math.sqrt(2):.1f} points between two "
+                 f"rows are within noise.")
+    rnd = rows.get(RANDOM, {})
+    for key, label in (("knn", "kNN"), ("linear", "linear probe"), ("attentive", "attentive probe")):
+        have = [(rows[n][key], n) for n in trained if rows[n].get(key) is not None]
+        if not have:
+            continue
+        best_v, best = max(have)
+        text = f"{label}: best {best} ({_pct(best_v)}%)"
+        if "mae" in rows and rows["mae"].get(key) is not None:
+            rank = sorted((v for v, _ in have), reverse=True).index(rows["mae"][key]) + 1
+            text += f"; MAE {_pct(rows['mae'][key])}% ranks {rank} of {len(have)}"
+        if rnd.get(key) is not None:
+            r = rnd[key]
+            above = [n for v, n in have if v > r]
+            clear = [n for v, n in have if v - r > 2 * math.sqrt(2) * _probe_se(r, n_test)]
+            below = [n for v, n in have if v <= r]
+            text += (f"; {len(above)} of {len(have)} score above random init ({_pct(r)}%), {len(clear)} of them "
+                     f"by more than the noise margin")
+            if below:
+                text += f" (not above: {', '.join(below)})"
+        notes.append(text + ".")
+    speeds = [(rows[n]["images_per_s"], n) for n in trained if rows[n].get("images_per_s")]
+    if len(speeds) > 1:
+        (lo, lo_n), (hi, hi_n) = min(speeds), max(speeds)
+        notes.append(f"Throughput ranged from {lo:.1f} img/s ({lo_n}) to {hi:.1f} img/s ({hi_n}), so at the same "
+                     f"{s['budget_s']:g} s budget the methods saw between "
+                     f"{min(rows[n]['images_seen'] for n in trained):,} and "
+                     f"{max(rows[n]['images_seen'] for n in trained):,} images.")
+    over = [n for n in trained if rows[n].get("train_s") and rows[n]["train_s"] > 1.25 * s["budget_s"]]
+    if over:
+        notes.append(f"Training took more than 1.25x the budget for {', '.join(over)} (the calibration "
+                     f"underestimated their step time; see train s).")
+    claims = [(n, rows[n]["claim"]) for n in trained if (rows[n].get("claim") or {}).get("claim")]
+    for n, c in claims:
+        notes.append(f"{n} card claim ({c['claim']}): {c['status']}; {c['evidence']}.")
+    if failed:
+        where = ", ".join(f"{n} ({rows[n]['stage']})" for n in failed)
+        notes.append(f"Failed: {where}; errors in the table and tracebacks in the JSON.")
+    return notes
+
+
+def render_markdown(results: dict) -> str:
+    s = results["setup"]
+    out = ["# MIM methods at equal CPU budget on Fashion-MNIST", ""]
+    if s.get("smoke"):
+        out += ["> **Smoke run.** The figures below come from a tiny run (budget, evaluation sizes or methods far "
+                "below the full benchmark) made to check the script; they say nothing about the methods. "
+                "They stand until the lead reruns the full benchmark (the command in the script's docstring).",
+                ""]
+    out += [
+        "Generated by `benchmarks/methods.py`; do not edit by hand. Command:", "", "```",
+        s["command"], "```", "",
+        f"Machine: {s['machine']}; {s['cpu_count']} CPUs visible, {s['threads']} torch threads; torch "
+        f"{s['torch']}, Python {s['python']}; device {s['device']}. Started {s['started']}, total "
+        f"{results.get('seconds', 0) / 60:.1f} min.", "",
+        "## Setup", "",
+        f"* **Budget:** {s['budget_s']:g} s of training per method. Each method is first timed for "
+        f"{s['calibration_steps']} optimizer steps after {s['calibration_warmup']} warm-up steps (a fresh copy, "
+        f"data loading included); then `optim.max_steps` = budget / (median s/step), so the lr schedule "
+        f"and any curriculum span the run, and the method trains from scratch. `train s` is the time inside "
+        f"optimizer steps; `wall s` adds setup, the validation pass and the checkpoint.",
+        f"* **Recipes:** `configs/<method>_vit_tiny_fmnist.yaml`, with the same overrides for every method: "
+        f"`{' '.join(s['common_overrides'])}`. All methods train on the same PretrainData (Fashion-MNIST "
+        f"training split minus {100 * s['val_fraction']:g}% held out, same augmentation, order and seeds); batch "
+        f"{s['batch_size']}.",
+        "* **Losses:** `final train loss` is the mean over the last 10% of steps; `val_loss` is the trainer's "
+        "fixed-mask held-out loss. Both are each method's own objective (pixels, HOG, features, different "
+        "masks and normalisations): **they are not comparable across methods**, only along a method's curve. "
+        "The probes are the comparable figures.",
+        f"* **Probes** (the same for every encoder, mimkit.eval, `EvalConfig` defaults): tokens computed once "
+        f"over {s['eval_train']:,} training images (seeded subset) and the first {s['eval_test']:,} test "
+        f"images; weighted kNN on the class token (k={s['knn_k']}, T={s['knn_temperature']}); linear probe on "
+        f"the class token (BatchNorm + linear, {s['linear_epochs']} epochs, lr swept and chosen on a "
+        f"{100 * s['probe_val_fraction']:g}% validation split); attentive probe: the cross-attention pooler "
+        f"({s['attentive_heads']} heads) on the patch tokens of the first {s['attentive_train']:,} of those "
+        f"training images, {s['attentive_epochs']} epochs. Accuracies in %.",
+        f"* **{RANDOM}:** the MAE recipe's encoder, untrained (seed {s['seed']}): the floor.",
+        "* **Card claims:** checked only where a method card's small-scale claim fits this budget; the test is "
+        "stated with the result. `not logged`: the method does not log the metric the check needs.",
+        "", "## Results", "", render_table(results), "",
+    ]
+    if results.get("figure"):
+        out += [f"![normalised training loss per method]({results['figure']})", "",
+                "Training loss divided by its first-step value against the fraction of the run (moving average "
+                "over 5% of the steps); MAE's curve dashed for reference.", ""]
+    claims = [(n, r["claim"]) for n, r in results["rows"].items() if (r.get("claim") or {}).get("claim")]
+    if claims:
+        out += ["## Card claims checked", "", "| method | claim | test | result | evidence |", "|---|---|---|---|---|"]
+        for n, c in claims:
+            out.append(f"| {n} | {_cell(c['claim'])} | {_cell(c['test'])} | **{c['status']}** | "
+                       f"{_cell(c['evidence'])} |")
+        out.append("")
+    out += ["## Reading notes", "", "Generated from the numbers above.", ""]
+    out += [f"* {t}" for t in reading_notes(results)]
+    out.append("")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running
+
+
+def _subset(ds, n: int | None, seed: int | None):
+    from torch.utils.data import Subset
+
+    if n is None or n >= len(ds):
+        return ds
+    if seed is None:
+        return Subset(ds, range(n))
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return Subset(ds, idx.tolist())
+
+
+def evaluate(encoder, probe_data, args, ecfg, device) -> dict:
+    from mimkit.eval.attentive import attentive_probe
+    from mimkit.eval.features import extract_tokens
+    from mimkit.eval.knn import knn_accuracy
+    from mimkit.eval.linear import linear_probe
+
+    train, test = probe_data
+    t0 = time.perf_counter()
+    encoder = encoder.to(device).eval()
+    ttr, ytr = extract_tokens(encoder, train, batch_size=ecfg.batch_size, device=device)
+    tte, yte = extract_tokens(encoder, test, batch_size=ecfg.batch_size, device=device)
+    out = {"tokens_s": time.perf_counter() - t0}
+    xtr, xte = ttr[:, 0].float(), tte[:, 0].float()
+    out["knn"] = float(knn_accuracy(xtr, ytr, xte, yte, k=ecfg.knn_k, temperature=ecfg.knn_temperature))
+    lp = linear_probe(xtr, ytr, xte, yte, ecfg.linear_lrs, ecfg.linear_epochs, ecfg.batch_size, ecfg.val_fraction,
+                      ecfg.linear_weight_decay, ecfg.seed, num_classes=10)
+    out["linear"], out["linear_lr"] = lp["test_acc"], lp["best_lr"]
+    na = min(len(ttr), args.attentive_train)
+    ap = attentive_probe(ttr[:na].float(), ytr[:na], tte.float(), yte, kinds=("cross_attention",),
+                         epochs=ecfg.attentive_epochs, lr=ecfg.attentive_lr, num_heads=ecfg.attentive_heads,
+                         val_fraction=ecfg.val_fraction, seed=ecfg.seed, num_classes=10)
+    out["attentive"] = ap["rows"][0]["test_acc"]
+    out["eval_s"] = time.perf_counter() - t0
+    return out
+
+
+def run_method(name: str, args, common: list[str], base_cfg, data, probe_data, ecfg, device, rows) -> dict:
+    from mimkit.config import load_config
+    from mimkit.engine import train
+
+    row: dict = {"method": name, "stage": "config", "eval_test": len(probe_data[1])}
+    recipe = ROOT / "configs" / f"{name}_vit_tiny_fmnist.yaml"
+    try:
+        if not recipe.is_file():
+            raise FileNotFoundError(f"no recipe {recipe.relative_to(ROOT)}")
+        row["recipe"] = str(recipe.relative_to(ROOT))
+        cfg = load_config(recipe, common)
+        if cfg.data != base_cfg.data:  # one dataset for all: the recipe's data section is replaced
+            row["note"] = "recipe's data section replaced by the shared one"
+            cfg = cfg.model_copy(update={"data": base_cfg.data})
+        row["stage"] = "calibration"
+        cal = calibrate(cfg, data, args.calibration_warmup, args.calibration_steps)
+        steps = steps_for_budget(args.budget_s, cal["s_per_step"], args.min_steps)
+        row.update({"s_per_step": cal["s_per_step"], "calibration_times": cal["step_times"], "max_steps": steps})
+        log(f"{name}: {cal['s_per_step']:.3f} s/step -> {steps} steps of {cfg.optim.batch_size}")
+        cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"max_steps": steps})})
+        row["stage"] = "training"
+        t = time.perf_counter()
+        res = train(cfg, data=data)
+        row["wall_s"] = time.perf_counter() - t
+        m, hist = res.metrics, res.history
+        losses = _series(hist, "loss")
+        tail = losses[-max(1, len(losses) // 10):]
+        row.update({
+            "steps": int(m["global_step"]), "batch_size": cfg.optim.batch_size,
+            "images_seen": int(m["global_step"]) * cfg.optim.batch_size, "images_per_s": float(m["images_per_s"]),
+            "train_s": int(m["global_step"]) * cfg.optim.batch_size / max(float(m["images_per_s"]), 1e-9),
+            "loss_first": losses[0] if losses else None, "loss_final": _mean(tail) if tail else None,
+            "val_loss": None if m.get("val_loss") is None else float(m["val_loss"]),
+            "history": hist, "run_dir": str(res.run_dir),
+        })
+        log(f"{name}: {row['steps']} steps in {row['train_s']:.0f}s ({row['images_per_s']:.1f} img/s), loss "
+            f"{_num(row['loss_first'])} -> {_num(row['loss_final'])}, val_loss {_num(row['val_loss'])}")
+        row["stage"] = "evaluation"
+        row.update(evaluate(res.method.encoder, probe_data, args, ecfg, device))
+        log(f"{name}: kNN {_pct(row['knn'])}%, linear {_pct(row['linear'])}%, attentive "
+            f"{_pct(row['attentive'])}% ({row['eval_s']:.0f}s)")
+        row["stage"] = "done"
+        del res
+        if not args.keep_runs:
+            shutil.rmtree(row["run_dir"], ignore_errors=True)
+    except Exception as err:  # report and go on with the next method
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+        row["traceback"] = traceback.format_exc()
+        log(f"{name}: FAILED during {row['stage']}: {row['error']}")
+    row["claim"] = check_claim(name, row.get("history") or [], row, rows)
+    return row
+
+
+def resolve_methods(spec: str) -> list[str]:
+    from mimkit.methods import METHODS
+
+    names = list(METHODS) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    # MAE first: the claims and the figure compare with it
+    return (["mae"] if "mae" in names else []) + [n for n in names if n != "mae"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--budget-s", type=float, default=120.0, help="training seconds per method")
+    p.add_argument("--methods", default="all", help="all, or a comma list (e.g. mae,simmim)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch of every method")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="data loader workers (0: in the training process)")
+    p.add_argument("--eval-train", type=int, default=5000, help="probe training images (seeded subset)")
+    p.add_argument("--eval-test", type=int, default=2000, help="probe test images (the first ones)")
+    p.add_argument("--attentive-train", type=int, default=2000, help="of those, for the attentive probe")
+    p.add_argument("--calibration-steps", type=int, default=4)
+    p.add_argument("--calibration-warmup", type=int, default=2)
+    p.add_argument("--min-steps", type=int, default=5)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every method's recipe (repeatable), e.g. model.depth=6")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--work-dir", help="run folders go here (default: a temporary folder, removed at the end)")
+    p.add_argument("--keep-runs", action="store_true", help="keep each method's run folder")
+    p.add_argument("--out", default="docs/methods.md")
+    p.add_argument("--figure", help="loss-curve SVG (default: figures/methods_loss.svg beside --out)")
+    p.add_argument("--json", help="write every figure (with histories) here")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    from mimkit.config import EvalConfig, load_config
+    from mimkit.data import build_labelled, build_pretrain_data
+    from mimkit.methods import build_method
+
+    t_all = time.perf_counter()
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="mimkit-methods-"))
+    work.mkdir(parents=True, exist_ok=True)
+    common = [f"optim.batch_size={args.batch_size}", f"trainer.seed={args.seed}", "trainer.progress=false",
+              f"trainer.accelerator={args.device}", "eval.recon_every_epochs=0", "eval.visualize=false",
+              f"data.num_workers={args.workers}", f"trainer.out_dir={work}"]
+    common_all = common + list(args.set)
+    methods = resolve_methods(args.methods)
+    ecfg = EvalConfig()
+    rows: dict = {}
+
+    base_cfg = load_config(ROOT / "configs" / "mae_vit_tiny_fmnist.yaml", common_all) if "mae" in methods else None
+    if base_cfg is None:  # no MAE asked for: the shared data still follow the MAE recipe's data section
+        base_cfg = load_config(ROOT / "configs" / "mae_vit_tiny_fmnist.yaml", common_all)
+    data = build_pretrain_data(base_cfg.data)
+    dcfg = base_cfg.data.model_copy(update={"mean": list(data.mean), "std": list(data.std)})
+    train_all = build_labelled(dcfg, "train", data.mean, data.std)
+    test_all = build_labelled(dcfg, "test", data.mean, data.std)
+    probe_data = (_subset(train_all, args.eval_train, args.seed), _subset(test_all, args.eval_test, None))
+    log(f"methods: {', '.join(methods)}; budget {args.budget_s:g}s each; batch {args.batch_size}; "
+        f"{len(data.train)} training images; probes {len(probe_data[0])} / {len(probe_data[1])}; "
+        f"{torch.get_num_threads()} threads; work dir {work}")
+
+    for i, name in enumerate(methods):
+        rows[name] = run_method(name, args, common_all, base_cfg, data, probe_data, ecfg, args.device, rows)
+        spent = time.perf_counter() - t_all
+        log(f"{i + 1}/{len(methods)} methods done in {spent / 60:.1f} min; at this pace all of them and the "
+            f"random-init row take about {spent / (i + 1) * (len(methods) + 0.5) / 60:.0f} min")
+
+    # the floor: the MAE recipe's encoder with no training
+    rnd: dict = {"method": RANDOM, "stage": "evaluation", "eval_test": len(probe_data[1])}
+    try:
+        torch.manual_seed(args.seed)
+        enc = build_method(base_cfg, tuple(data.img_size), int(data.channels)).encoder
+        rnd.update(evaluate(enc, probe_data, args, ecfg, args.device))
+        rnd["stage"] = "done"
+        log(f"{RANDOM}: kNN {_pct(rnd['knn'])}%, linear {_pct(rnd['linear'])}%, attentive {_pct(rnd['attentive'])}%")
+    except Exception as err:
+        rnd["error"] = f"{type(err).__name__}: {err}"[:300]
+        rnd["traceback"] = traceback.format_exc()
+    rnd["claim"] = {"status": "n/a", "claim": None, "evidence": "untrained floor"}
+    rows[RANDOM] = rnd
+    # claims that compare with other rows (DMJD vs MAE) see every row now
+    for name in methods:
+        rows[name]["claim"] = check_claim(name, rows[name].get("history") or [], rows[name], rows)
+
+    shrunk = any(s.startswith(("model.depth", "data.limit")) for s in args.set)
+    smoke = args.budget_s < 60 or args.eval_train < 2000 or args.eval_test < 1000 or shrunk
+    results = {
+        "setup": {
+            "command": ".venv/bin/python benchmarks/methods.py " + shlex.join(argv),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {platform.system()}",
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": args.device, "started": started,
+            "budget_s": args.budget_s, "batch_size": args.batch_size, "seed": args.seed,
+            "methods": methods, "common_overrides": [c for c in common_all if not c.startswith("trainer.out_dir")],
+            "val_fraction": base_cfg.data.val_fraction, "train_images": len(data.train),
+            "eval_train": len(probe_data[0]), "eval_test": len(probe_data[1]),
+            "attentive_train": min(args.attentive_train, len(probe_data[0])),
+            "knn_k": ecfg.knn_k, "knn_temperature": ecfg.knn_temperature, "linear_epochs": ecfg.linear_epochs,
+            "probe_val_fraction": ecfg.val_fraction, "attentive_epochs": ecfg.attentive_epochs,
+            "attentive_heads": ecfg.attentive_heads, "calibration_steps": args.calibration_steps,
+            "calibration_warmup": args.calibration_warmup, "smoke": smoke,
+        },
+        "order": methods + [RANDOM], "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig = Path(args.figure) if args.figure else out.parent / "figures" / "methods_loss.svg"
+    svg = loss_figure(rows, results["order"])
+    if svg:
+        fig.parent.mkdir(parents=True, exist_ok=True)
+        fig.write_text(svg)
+        results["figure"] = os.path.relpath(fig, out.parent).replace(os.sep, "/")
+    results["seconds"] = time.perf_counter() - t_all
+    out.write_text(render_markdown(results))
+    log(f"wrote {out}" + (f" and {fig}" if svg else ""))
+    print()
+    print(render_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+        log(f"wrote {args.json}")
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return exit_status(rows)
+
+
+def exit_status(rows: dict) -> int:
+    """Non-zero only when MAE was run and failed; other methods' failures are reported in the table."""
+    mae = rows.get("mae")
+    return 1 if mae is not None and mae.get("error") else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""benchmarks/methods.py: budget-to-steps, card-claim checks, table/report rendering, and one tiny real run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "methods.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ------------------------------------------------------------------------------------------------ budget
+
+
+def test_steps_for_budget(bench):
+    assert bench.steps_for_budget(120, 0.5) == 240
+    assert bench.steps_for_budget(10, 0.3) == 33                 # floor: never over the budget
+    assert bench.steps_for_budget(1, 2.0, min_steps=5) == 5      # a slow method still trains a few steps
+    assert bench.steps_for_budget(100, 0.01, max_steps=500) == 500
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            bench.steps_for_budget(10, bad)
+
+
+def test_exit_status_only_fails_on_mae(bench):
+    assert bench.exit_status({"mae": {"steps": 3}, "hpm": {"error": "ImportError: x"}}) == 0
+    assert bench.exit_status({"mae": {"error": "RuntimeError: y"}, "hpm": {"steps": 3}}) == 1
+    assert bench.exit_status({"simmim": {"error": "RuntimeError: y"}}) == 0
+
+
+# ------------------------------------------------------------------------------------------------ claims
+
+
+def _hist(key, values):
+    return [{"step": i + 1, "loss": 1.0, key: v} for i, v in enumerate(values)]
+
+
+def test_hpm_claim(bench):
+    rising = _hist("rank_acc", [0.50, 0.52, 0.55, 0.58, 0.60, 0.62, 0.63, 0.65])
+    status, evidence = bench.check_hpm(rising)
+    assert status == "held" and "0.510" in evidence and "0.640" in evidence
+    assert bench.check_hpm(_hist("rank_acc", [0.30, 0.35, 0.40, 0.45]))[0] == "did not hold"  # rises, below 0.5
+    assert bench.check_hpm(_hist("rank_acc", [0.70, 0.68, 0.62, 0.60]))[0] == "did not hold"  # above 0.5, falls
+    assert bench.check_hpm(_hist("other", [0.9, 0.9]))[0] == "not logged"
+    assert bench.check_hpm([])[0] == "not logged"
+
+
+def test_mff_claim(bench):
+    hist = _hist("fuse_shallow", [0.75, 0.76, 0.78, 0.80])
+    hist[-1].update({"fuse_w0": 0.3, "fuse_w2": 0.5, "fuse_w3": 0.2})
+    status, evidence = bench.check_mff(hist)
+    assert status == "held"
+    assert "0.7500" in evidence and "0.8000" in evidence and "0:0.300" in evidence and "3:0.200" in evidence
+    assert bench.check_mff(_hist("fuse_shallow", [0.75, 0.74, 0.70]))[0] == "did not hold"
+    assert bench.check_mff(_hist("rank_acc", [0.5]))[0] == "not logged"
+
+
+def test_dmjd_claim_compares_with_mae(bench):
+    rows = {"mae": {"linear": 0.70, "eval_test": 2000}}
+    assert bench.check_dmjd([], {"linear": 0.76, "eval_test": 2000}, rows)[0] == "held"
+    assert bench.check_dmjd([], {"linear": 0.64, "eval_test": 2000}, rows)[0] == "did not hold"
+    assert bench.check_dmjd([], {"linear": 0.705, "eval_test": 2000}, rows)[0] == "inconclusive"
+    assert bench.check_dmjd([], {"linear": 0.8}, {})[0] == "n/a"
+
+
+def test_check_claim_dispatch(bench):
+    assert bench.check_claim("localmim", [], {}, {})["status"] == "n/a"
+    c = bench.check_claim("hpm", _hist("rank_acc", [0.6, 0.7]), {}, {})
+    assert c["status"] == "held" and c["claim"] and c["test"]
+
+
+# ------------------------------------------------------------------------------------------------ curves
+
+
+def test_normalised_curve(bench):
+    hist = [{"loss": v} for v in (2.0, 1.5, 1.0, 1.0)]
+    x, y = bench.normalised_curve(hist)
+    assert x[-1] == 1.0 and len(x) == len(y) == 4
+    assert y == [1.0, 0.75, 0.5, 0.5]              # 4 steps: no smoothing window
+    x, y = bench.normalised_curve([{"loss": float(v)} for v in range(100, 0, -1)])
+    assert y[0] < 1.0 and all(a >= b for a, b in zip(y, y[1:]))  # smoothed, still falling
+    assert bench.normalised_curve([]) == ([], [])
+
+
+def _results(bench, smoke=False):
+    hist = [{"step": i + 1, "loss": 1.0 / (i + 1), "rank_acc": 0.5 + 0.01 * i} for i in range(40)]
+    rows = {
+        "mae": {"steps": 40, "images_seen": 5120, "train_s": 100.0, "wall_s": 130.0, "images_per_s": 51.2,
+                "loss_first": 1.0, "loss_final": 0.03, "val_loss": 0.5, "knn": 0.70, "linear": 0.72,
+                "attentive": 0.65, "eval_test": 2000, "history": hist, "stage": "done",
+                "claim": bench.check_claim("mae", hist, {}, {})},
+        "hpm": {"steps": 20, "images_seen": 2560, "train_s": 110.0, "wall_s": 140.0, "images_per_s": 23.3,
+                "loss_first": 1.0, "loss_final": 0.1, "val_loss": 0.4, "knn": 0.60, "linear": 0.75,
+                "attentive": 0.66, "eval_test": 2000, "history": hist, "stage": "done",
+                "claim": bench.check_claim("hpm", hist, {}, {})},
+        "mff": {"method": "mff", "stage": "config", "error": "ImportError: no module | named mff",
+                "claim": bench.check_claim("mff", [], {}, {})},
+        bench.RANDOM: {"knn": 0.65, "linear": 0.60, "attentive": 0.30, "stage": "done",
+                       "claim": {"status": "n/a", "claim": None, "evidence": "untrained floor"}},
+    }
+    setup = {"command": ".venv/bin/python benchmarks/methods.py --budget-s 100", "machine": "x86_64", "cpu_count": 2,
+             "threads": 2, "torch": "2.x", "python": "3.11", "device": "cpu", "started": "now", "budget_s": 100.0,
+             "batch_size": 128, "seed": 0, "common_overrides": ["optim.batch_size=128"], "val_fraction": 0.05,
+             "eval_train": 5000, "eval_test": 2000, "attentive_train": 2000, "knn_k": 20, "knn_temperature": 0.07,
+             "linear_epochs": 30, "probe_val_fraction": 0.1, "attentive_epochs": 10, "attentive_heads": 8,
+             "calibration_steps": 4, "calibration_warmup": 2, "smoke": smoke}
+    return {"setup": setup, "order": ["mae", "hpm", "mff", bench.RANDOM], "rows": rows, "seconds": 600.0,
+            "figure": "figures/methods_loss.svg"}
+
+
+def test_render_table(bench):
+    table = bench.render_table(_results(bench))
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | steps | images seen |") and "attentive" in lines[0]
+    assert len(lines) == 2 + 4 and all(line.count("|") - line.count("\\|") == 13 for line in lines)
+    mae = next(line for line in lines if line.startswith("| mae |"))
+    assert "| 40 | 5,120 |" in mae and "| 70.00 | 72.00 | 65.00 |" in mae
+    hpm = next(line for line in lines if line.startswith("| hpm |"))
+    assert "**held**" in hpm and "rank_acc mean" in hpm
+    mff = next(line for line in lines if line.startswith("| mff |"))
+    assert "**failed** (config)" in mff and "no module \\| named mff" in mff   # the pipe is escaped
+    rnd = next(line for line in lines if line.startswith(f"| {bench.RANDOM} |"))
+    assert "| 65.00 | 60.00 | 30.00 |" in rnd
+
+
+def test_render_markdown_and_notes(bench):
+    res = _results(bench)
+    md = bench.render_markdown(res)
+    assert md.startswith("# ") and "Smoke run" not in md
+    assert res["setup"]["command"] in md and "not comparable across methods" in md
+    assert "![normalised training loss per method](figures/methods_loss.svg)" in md
+    notes = bench.reading_notes(res)
+    assert any(n.startswith("kNN: best mae (70.00%)") and "1 of 2 score above random init" in n
+               and "not above: hpm" in n for n in notes)
+    assert any(n.startswith("linear probe: best hpm (75.00%)") and "ranks 2 of 2" in n for n in notes)
+    assert any("Failed: mff (config)" in n for n in notes)
+    assert any("hpm card claim" in n and "held" in n for n in notes)
+    assert "Smoke run" in bench.render_markdown(_results(bench, smoke=True))
+
+
+def test_loss_figure_is_svg(bench):
+    res = _results(bench)
+    svg = bench.loss_figure(res["rows"], res["order"])
+    root = ET.fromstring(svg)
+    panels = [c for c in root if c.tag.endswith("svg")]
+    assert len(panels) == 2                        # mae and hpm; the failed and untrained rows have no curve
+    assert "hpm: 20 steps" in svg and "stroke-dasharray" in svg  # MAE's dashed reference in hpm's panel
+    assert bench.loss_figure({}, []) == ""
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def test_tiny_end_to_end(bench, tmp_path):
+    out, js = tmp_path / "methods.md", tmp_path / "methods.json"
+    code = bench.main([
+        "--methods", "mae,no_such_method", "--budget-s", "1", "--threads", "1", "--batch-size", "16",
+        "--eval-train", "120", "--eval-test", "60", "--attentive-train", "60", "--calibration-steps", "1",
+        "--calibration-warmup", "1", "--min-steps", "3",
+        "--set", "model.depth=1", "--set", "model.decoder_depth=1", "--set", "data.limit=128",
+        "--set", "data.val_fraction=0.002", "--set", "data.stats_samples=64",
+        "--out", str(out), "--json", str(js), "--work-dir", str(tmp_path / "runs"),
+    ])
+    assert code == 0                               # the unknown method fails alone
+    res = json.loads(js.read_text())
+    mae = res["rows"]["mae"]
+    assert mae.get("error") is None, mae.get("traceback")
+    assert mae["steps"] == mae["max_steps"] >= 3 and len(mae["history"]) == mae["steps"]
+    assert mae["images_seen"] == 16 * mae["steps"] and mae["images_per_s"] > 0
+    for key in ("knn", "linear", "attentive"):
+        assert 0.0 <= mae[key] <= 1.0 and 0.0 <= res["rows"]["random init"][key] <= 1.0
+    assert math.isfinite(mae["val_loss"]) and math.isfinite(mae["loss_final"])
+    assert "FileNotFoundError" in res["rows"]["no_such_method"]["error"]
+    md = out.read_text()
+    assert "Smoke run" in md and "| mae | " in md and "| no_such_method |" in md
+    assert (tmp_path / "figures" / "methods_loss.svg").is_file()
+    assert not any((tmp_path / "runs").iterdir())   # finished runs are removed unless --keep-runs
+
+
+def test_claim_of_a_failed_method_is_not_run(bench):
+    c = bench.check_claim("hpm", [], {"error": "ImportError: x", "stage": "config"}, {})
+    assert c["status"] == "not run" and "config" in c["evidence"]
