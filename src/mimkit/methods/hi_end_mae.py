@@ -5,8 +5,8 @@ mask tokens + sin-cos positions), runs self-attention blocks, then one cross-att
 layer, deepest first (the reference reads layers 9, 6, 3 of 12 in that order), each with its own Linear projection of
 that layer's visible tokens. Loss: norm-pix MSE on masked patches.
 
-Slots: RandomMasking -> VisionTransformer (visible tokens, run_blocks taps) -> CrossDecoder(memories = taps) ->
-PixelTarget -> masked MSE.
+Slots: MAE's (RandomMasking -> VisionTransformer (visible tokens, run_blocks taps) -> PixelTarget -> masked MSE)
+with CrossDecoder(memories = taps) as the decoder.
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ import torch.nn as nn
 from pydantic import Field
 
 from mimkit.config import MethodSection, ModelConfig
-from mimkit.losses import masked_mse
-from mimkit.masking import Mask, RandomMasking, mask_from_noise
-from mimkit.methods.base import Method, Reconstruction
+from mimkit.masking import Mask
+from mimkit.methods.mae import MAE
 from mimkit.models import DECODER_PRESETS, VisionTransformer
 from mimkit.models.cross_decoder import CrossDecoder
 from mimkit.models.vit import init_mae_weights
-from mimkit.targets import PixelTarget
 
 
 class HiEndMAEConfig(MethodSection):
@@ -46,15 +44,14 @@ def tap_index(fraction: float, depth: int) -> int:
     return min(depth, max(1, math.floor(fraction * depth + 0.5))) - 1
 
 
-class HiEndMAE(Method):
+class HiEndMAE(MAE):
+    """MAE's masking, target, loss and pictures; only the decoder and what it reads differ (`predict`)."""
+
     config_class = HiEndMAEConfig
 
     def __init__(self, encoder: VisionTransformer, decoder: CrossDecoder, cross_layers=(0.75, 0.5, 0.25),
                  mask_ratio: float = 0.75, norm_pix: bool = True):
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-        self.grid = encoder.grid
+        super().__init__(encoder, decoder, mask_ratio, norm_pix)
         self.taps = [tap_index(f, encoder.depth) for f in cross_layers]
         if len(self.taps) != len(decoder.cross_blocks):
             raise ValueError(f"{len(self.taps)} tapped layers but {len(decoder.cross_blocks)} cross-attention blocks")
@@ -63,8 +60,6 @@ class HiEndMAE(Method):
         self.proj_layers = nn.ModuleList([nn.Linear(encoder.embed_dim, decoder.dim) for _ in self.taps])
         init_mae_weights(self.proj_final)
         init_mae_weights(self.proj_layers)
-        self.masking = RandomMasking(mask_ratio)
-        self.target = PixelTarget(self.grid, norm=norm_pix)
 
     @classmethod
     def from_config(cls, method: HiEndMAEConfig, model: ModelConfig, img_size, in_chans: int) -> "HiEndMAE":
@@ -79,11 +74,6 @@ class HiEndMAE(Method):
             cross_self_attn=True,
         )
         return cls(encoder, decoder, method.cross_layers, method.mask_ratio, method.norm_pix)
-
-    def make_mask(self, batch: dict) -> Mask:
-        if "mask_noise" in batch:
-            return mask_from_noise(batch["mask_noise"], self.masking.ratio)
-        return self.masking(batch["seed"], self.grid.num_patches)
 
     def encode(self, images: torch.Tensor, mask: Mask) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """(normed output [B, 1 + V, D], {block index: pre-norm tokens [B, 1 + V, D]}) on the visible patches."""
@@ -100,23 +90,3 @@ class HiEndMAE(Method):
         latent, layers = self.encode(images, mask)
         x = self.decoder.fill(self.proj_final(latent), mask.ids_restore)
         return self.decoder(x, self.memories(layers))[:, 1:, :]
-
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        images = batch["image"]
-        mask = self.make_mask(batch)
-        pred = self.predict(images, mask)
-        with torch.no_grad():
-            target = self.target(images)
-        loss, _ = masked_mse(pred, target, mask.masked)
-        return {"loss": loss}
-
-    @torch.no_grad()
-    def reconstruct(self, batch: dict) -> Reconstruction:
-        images = batch["image"]
-        mask = self.make_mask(batch)
-        pred = self.target.to_pixels(self.predict(images, mask).float(), images.float())
-        hidden = self.grid.expand_mask(mask.masked)
-        return Reconstruction(
-            original=images, masked=images.masked_fill(hidden, 0.0), prediction=pred,
-            pasted=torch.where(hidden, pred, images),
-        )
