@@ -4,7 +4,8 @@ import pytest
 import torch
 from method_helpers import cifar_samples, falls, fashion_mnist, small_method, train_losses
 
-from mimkit.methods.ropim import CountSketchProjection, complement_l1
+from mimkit.masking.ortho_sketch import CountSketchProjection
+from mimkit.methods.ropim import complement_l1
 
 
 @pytest.mark.parametrize("n", [49, 64, 35, 196])
