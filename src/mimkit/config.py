@@ -97,6 +97,8 @@ class ModelConfig(Section):
     )
     patch_size: int = Field(4, ge=1, description="ViT patch size; for a CNN, the mask-unit size in pixels")
     depth: int | None = Field(None, ge=1, description="override the preset's number of blocks (quick runs, tests)")
+    grad_checkpointing: bool = Field(False, description="recompute encoder blocks in the backward pass instead of "
+                                     "keeping their activations (less memory, about a third more compute)")
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     decoder: Literal["tiny", "small", "base", "mae"] = Field(
         "tiny", description="decoder preset (depth x width): tiny 2x128, small 4x256, base = mae 8x512 (MAE's own)"
@@ -164,6 +166,10 @@ class TrainerConfig(Section):
     )
     log_every_steps: int = Field(10, ge=1)
     progress: bool = True
+    compile: bool = Field(False, description="torch.compile the method's forward (first steps are slower)")
+    nan_retries: int = Field(0, ge=0, description="on a NaN/inf loss, roll back to the last good checkpoint, lower "
+                             "the lr and continue, at most this many times (0: stop with an error)")
+    nan_lr_factor: float = Field(0.5, gt=0.0, lt=1.0, description="lr multiplier applied at each NaN rollback")
 
     @field_validator("precision", mode="before")
     @classmethod
