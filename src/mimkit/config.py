@@ -118,7 +118,7 @@ class MethodSection(Section):
 def method_config_class(name: str) -> type[MethodSection]:
     from mimkit.methods import METHODS, method_class
 
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         close = difflib.get_close_matches(str(name), list(METHODS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown method {name!r}{hint}; choose one of {', '.join(METHODS)}")
@@ -175,7 +175,7 @@ class TrainerConfig(Section):
     @classmethod
     def _precision_alias(cls, v: Any) -> Any:
         aliases = {"32": "32-true", 32: "32-true", "fp32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed", 16: "16-mixed"}
-        return aliases.get(v, v)
+        return aliases.get(v, v) if isinstance(v, (str, int)) else v
 
 
 class EvalConfig(Section):

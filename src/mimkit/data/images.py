@@ -15,12 +15,31 @@ clipped); float data is taken as already in [0, 1].
 
 Forced conversion (``data.channels``): 1 -> N replicates; RGB -> 1 uses ITU-R 601 luma
 (0.299 R + 0.587 G + 0.114 B, as Pillow's ``convert("L")``); anything else is a DataError naming the file.
+
+Unusual modes, precisely: ``1`` (bilevel) -> 0/255; ``I;16`` (16-bit grey PNG/TIFF) -> value / 65535, never
+clipped at 255; 16-bit RGB(A) PNGs are reduced to 8 bits by Pillow (high byte, i.e. scaled, not clipped);
+``CMYK`` -> RGB by Pillow's conversion; ``P`` -> the palette's RGB colours. Alpha is *dropped, not
+composited*: a transparent pixel keeps the colour stored under it (``RGBA``, ``LA``, ``PA``, and ``P`` with
+a transparent palette index alike), so an image means the same whatever background it was meant for.
+
+Refused (a :class:`DataError` naming the file, handled by ``data.on_error`` like any unreadable file):
+
+* empty (0-byte) files, truncated or corrupt data (a short file is an error, not a grey-filled image, as
+  long as nothing in the process sets Pillow's global ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True``);
+* decompression bombs: a header claiming more than :data:`MAX_IMAGE_PIXELS` pixels (H x W, default
+  89,478,485, about 9459 x 9459: Pillow's own warning threshold; environment variable
+  ``MIMKIT_MAX_IMAGE_PIXELS``) or a decoded array over :data:`MAX_IMAGE_BYTES` (all bands and bit depth;
+  default 2 GiB; ``MIMKIT_MAX_IMAGE_BYTES``) is refused from its header, before any pixel is decoded.
+  Pillow itself refuses more than twice its ``PIL.Image.MAX_IMAGE_PIXELS``, so raising mimkit's limit
+  beyond 178,956,970 pixels also needs that attribute raised;
+* float images holding NaN or infinity (they would turn the loss into NaN).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +58,63 @@ except ImportError:  # pragma: no cover - depends on the environment
 SIDE_FILE_SUFFIXES = frozenset({".txt", ".csv", ".json", ".jsonl", ".md", ".yaml", ".yml", ".xml", ".ini",
                                 ".log", ".db", ".pkl", ".pickle", ".py", ".html", ".htm", ".zip", ".tar", ".gz"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+
+MAX_IMAGE_PIXELS = 89_478_485  # H x W; Pillow's default PIL.Image.MAX_IMAGE_PIXELS (its warning threshold)
+MAX_IMAGE_BYTES = 2 << 30  # decoded size of one image, all bands
+
+
+def _limit(env: str, default: int) -> int:
+    """A size limit: the environment variable when set (read at each call, so DataLoader workers see it)."""
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return int(default)
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise DataError(f"{env}={raw!r} is not a number of pixels/bytes") from None
+    if value < 1:
+        raise DataError(f"{env} must be >= 1, got {raw!r}")
+    return value
+
+
+def max_image_pixels() -> int:
+    return _limit("MIMKIT_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS)
+
+
+def max_image_bytes() -> int:
+    return _limit("MIMKIT_MAX_IMAGE_BYTES", MAX_IMAGE_BYTES)
+
+
+class ImageTooLarge(ValueError):
+    """A header that claims more pixels or bytes than the decompression-bomb limits allow."""
+
+
+def check_image_size(height: int, width: int, decoded_bytes: int) -> None:
+    """Raise ImageTooLarge when an image of this size would exceed the limits (see module docs)."""
+    pixels, limit = int(height) * int(width), max_image_pixels()
+    if pixels > limit:
+        raise ImageTooLarge(f"{width}x{height} = {pixels:,} pixels exceeds the limit of {limit:,} pixels "
+                            "(decompression-bomb guard; raise it with MIMKIT_MAX_IMAGE_PIXELS)")
+    byte_limit = max_image_bytes()
+    if decoded_bytes > byte_limit:
+        raise ImageTooLarge(f"{width}x{height} decodes to {decoded_bytes:,} bytes, over the limit of "
+                            f"{byte_limit:,} bytes (decompression-bomb guard; raise it with MIMKIT_MAX_IMAGE_BYTES)")
+
+
+def _pil_bytes(im: Image.Image) -> int:
+    w, h = im.size
+    per_band = 4 if im.mode in ("I", "F") else 2 if im.mode.startswith("I;16") else 1
+    return int(w) * int(h) * len(im.getbands()) * per_band
+
+
+def _pil_reason(err: BaseException) -> str:
+    if isinstance(err, ImageTooLarge):
+        return str(err)
+    reason = f"{type(err).__name__}: {err}"
+    if isinstance(err, Image.DecompressionBombError):
+        reason += " (decompression-bomb guard: Pillow refuses more than twice PIL.Image.MAX_IMAGE_PIXELS)"
+    return reason
+
 
 _ONE = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I;16LS", "I;16BS"}
 _RGB_KEEP = {"RGB"}
@@ -143,6 +219,8 @@ def _tiff_layout(tf) -> tuple[str, tuple[int, ...], bool]:
     if len(extra) > 1:
         raise ValueError(f"TIFF has several non-spatial axes {axes!r} {shape}; expected one band axis")
     drop_alpha = photometric == int(P.RGB) and extra and extra[0][1] == 4
+    check_image_size(shape[axes.index("Y")], shape[axes.index("X")],
+                     int(np.prod(shape, dtype=np.float64)) * np.dtype(series.dtype).itemsize)
     return axes, shape, bool(drop_alpha)
 
 
@@ -177,7 +255,7 @@ def _strict_tifffile():
     propagate, log.propagate = log.propagate, False
     try:
         yield
-    except _TiffCorrupt:
+    except (_TiffCorrupt, ImageTooLarge):
         raise
     except Exception as err:
         if handler.messages:
@@ -219,9 +297,28 @@ def _read_tiff(path: Path) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ public helpers
 
 
+def _refuse_empty(path: Path, verb: str) -> None:
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:
+        return  # missing or unreadable: the decoders report it
+    if empty:
+        reason = "empty file (0 bytes)"
+        raise DataError(f"cannot {verb} image {path}: {reason}") from RuntimeError(reason)
+
+
+def _finite(x: torch.Tensor, path: Path) -> torch.Tensor:
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        reason = f"{bad} pixel value(s) are NaN or infinite"
+        raise DataError(f"cannot use image {path}: {reason}") from RuntimeError(reason)
+    return x
+
+
 def probe_image(path: str | Path) -> ImageInfo:
     """Read only the header: channel count and size. Raises DataError (cause attached) if unreadable."""
     path = Path(path)
+    _refuse_empty(path, "open")
     tiff_err = None
     if tifffile is not None and path.suffix.lower() in TIFF_SUFFIXES:
         try:
@@ -230,15 +327,16 @@ def probe_image(path: str | Path) -> ImageInfo:
                 axes, shape, drop_alpha = _tiff_layout(tf)
             return ImageInfo(_tiff_channels(axes, shape, drop_alpha),
                              (shape[axes.index("Y")], shape[axes.index("X")]), "tifffile")
-        except _TiffCorrupt as err:
+        except (_TiffCorrupt, ImageTooLarge) as err:
             raise DataError(f"cannot open image {path}: {err}") from err
         except Exception as err:  # noqa: BLE001 - fall back to Pillow, keep the reason
             tiff_err = err
     try:
         with Image.open(path) as im:
             mode, (w, h) = im.mode, im.size
+            check_image_size(h, w, _pil_bytes(im))
     except Exception as err:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError, ...
-        reason = f"{type(err).__name__}: {err}"
+        reason = _pil_reason(err)
         if tiff_err is not None:
             reason += f" (tifffile: {type(tiff_err).__name__}: {tiff_err})"
         raise DataError(f"cannot open image {path}: {reason}") from RuntimeError(reason)
@@ -253,24 +351,26 @@ def load_image(path: str | Path, channels: int | None) -> torch.Tensor:
     defined (see module docs).
     """
     path = Path(path)
+    _refuse_empty(path, "decode")
     tiff_err = None
     if tifffile is not None and path.suffix.lower() in TIFF_SUFFIXES:
         try:
             x = _read_tiff(path)
-        except _TiffCorrupt as err:
+        except (_TiffCorrupt, ImageTooLarge) as err:
             raise DataError(f"cannot decode image {path}: {err}") from err
         except Exception as err:  # noqa: BLE001 - e.g. a codec tifffile lacks: let Pillow try
             tiff_err = err
         else:
-            return convert_channels(x, channels, str(path))
+            return _finite(convert_channels(x, channels, str(path)), path)
     try:
         with Image.open(path) as im:
+            check_image_size(im.size[1], im.size[0], _pil_bytes(im))  # before decoding any pixel
             im.load()
-            return image_from_pil(im, channels, str(path))
+            return _finite(image_from_pil(im, channels, str(path)), path)
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - truncated data, bad header, decoder errors
-        reason = f"{type(err).__name__}: {err}"
+        reason = _pil_reason(err)
         if tiff_err is not None:
             reason += f" (tifffile: {type(tiff_err).__name__}: {tiff_err})"
         raise DataError(f"cannot decode image {path}: {reason}") from RuntimeError(reason)
