@@ -144,3 +144,28 @@ def test_code_running_last_ckpt_in_a_run_folder_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"refusing to load .*last\.ckpt.*could execute code"):
         method_from_checkpoint(find_checkpoint(run))
     assert not marker.exists()
+
+
+def test_malformed_checkpoints_are_refused_by_name(tmp_path):
+    from mimkit.config import load_config
+    from mimkit.engine.checkpoint import FORMAT, VERSION, CheckpointError, atomic_torch_save, load_state_strict
+    from mimkit.engine.checkpoint import method_from_checkpoint as from_ckpt
+    from mimkit.methods import build_method
+
+    cfg = load_config(None, ["model.depth=1", "data.img_size=16", "model.decoder=tiny"])
+    m = build_method(cfg, (16, 16), 1)
+    with pytest.raises(CheckpointError, match=r"x.ckpt hold 1 value\(s\) that are not tensors: encoder.cls_token"):
+        load_state_strict(m, {**m.state_dict(), "encoder.cls_token": 3}, "x.ckpt")
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        load_state_strict(m, [1, 2], "x.ckpt")
+    base = {"format": FORMAT, "version": VERSION, "config": cfg.model_dump(mode="json"),
+            "data": {"img_size": [16, 16], "channels": 1, "mean": [0.5], "std": [0.2]}, "model": m.state_dict()}
+    for drop in ("model", "config", "data"):
+        path = tmp_path / f"no_{drop}.ckpt"
+        atomic_torch_save({k: v for k, v in base.items() if k != drop}, path)
+        with pytest.raises(CheckpointError, match=rf"no_{drop}.ckpt has no {drop} section"):
+            from_ckpt(path)
+    path = tmp_path / "badcfg.ckpt"
+    atomic_torch_save({**base, "config": {**base["config"], "optim": {"lrr": 1}}}, path)
+    with pytest.raises(CheckpointError, match=r"(?s)badcfg.ckpt are not valid.*optim.lrr"):
+        from_ckpt(path)

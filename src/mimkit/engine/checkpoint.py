@@ -9,7 +9,14 @@ Layout of a mimkit checkpoint (a dict saved with torch.save, holding only tensor
     optimizer: AdamW state dict; scaler: GradScaler state (16-mixed only);
     progress: {"global_step", "epoch", "position" (samples of `epoch` consumed, all ranks), "total_steps"};
     rng: {"torch": ByteTensor, "cuda": [ByteTensor, ...], "python": random.getstate()} of rank 0;
-    metrics: the last logged scalars
+    metrics: the last logged scalars;
+    nan_guard: {"lr_scale": product of trainer.nan_lr_factor so far, "rollbacks": NaN rollbacks so far}
+    (absent in older files: 1.0 and 0)
+
+Crash safety: a file is written under a temporary name in its own folder (`.NAME.tmp`, or `.NAME.<random>.tmp`
+for `atomic_write`), fsynced, then renamed over the final name and the folder fsynced. A process killed at any
+moment leaves either the old file or the new one under the final name, never a partial one; the temporary
+leftovers are ignored by readers and deleted by `remove_stale_temps` when the next run starts.
 """
 
 from __future__ import annotations
@@ -107,6 +114,12 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None:
     """load_state_dict that explains a mismatch: missing, unexpected and wrongly shaped keys, by name."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"weights in {source} are not a state dict (name -> tensor) but a {type(state).__name__}")
+    not_tensors = sorted(str(k) for k, v in state.items() if not torch.is_tensor(v))
+    if not_tensors:
+        raise CheckpointError(f"weights in {source} hold {len(not_tensors)} value(s) that are not tensors: "
+                              + ", ".join(not_tensors[:12]) + (" ..." if len(not_tensors) > 12 else ""))
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -117,27 +130,38 @@ def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None
     )
     if missing or unexpected or shapes:
         def show(items):
-            return ", ".join(items[:12]) + (f" ... (+{len(items) - 12} more)" if len(items) > 12 else "")
+            return f"({len(items)}): " + ", ".join(items[:12]) + (
+                f" ... (+{len(items) - 12} more)" if len(items) > 12 else "")
         parts = []
         if missing:
-            parts.append(f"missing keys: {show(missing)}")
+            parts.append(f"missing keys {show(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
+            parts.append(f"unexpected keys {show(unexpected)}")
         if shapes:
-            parts.append(f"shape mismatches: {show(shapes)}")
+            parts.append(f"shape mismatches {show(shapes)}")
         raise CheckpointError(f"weights in {source} do not fit this architecture; " + "; ".join(parts))
     module.load_state_dict(state)
 
 
 def method_from_checkpoint(path: str | Path):
     """(method, config, checkpoint dict) with the method's weights loaded, on the CPU, in eval mode."""
-    from mimkit.config import PretrainConfig, build_config
+    from mimkit.config import ConfigError, PretrainConfig, build_config
     from mimkit.methods import build_method
 
     ckpt = load_checkpoint(path)
-    cfg = build_config(PretrainConfig, ckpt["config"])
+    absent = [k for k in ("config", "data", "model") if not isinstance(ckpt.get(k), dict)]
+    if absent:
+        raise CheckpointError(f"{path} has no {', '.join(absent)} section (a truncated or hand-made checkpoint?)")
+    try:
+        cfg = build_config(PretrainConfig, ckpt["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"the settings stored in {path} are not valid for this mimkit: {err}") from None
     data = ckpt["data"]
-    method = build_method(cfg, tuple(data["img_size"]), int(data["channels"]))
+    try:
+        img_size, channels = tuple(int(v) for v in data["img_size"]), int(data["channels"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its data section lacks a valid img_size/channels ({err!r})") from None
+    method = build_method(cfg, img_size, channels)
     load_state_strict(method, ckpt["model"], str(path))
     method.eval()
     return method, cfg, ckpt

@@ -25,10 +25,15 @@ class MetricsCSV:
         self._rewrite(rows)
 
     def _rewrite(self, rows: list[dict]) -> None:
-        with open(self.path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        from mimkit.engine.checkpoint import atomic_write  # a kill mid-rewrite must not lose rows
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(self.path, write)
 
     def log(self, metrics: dict, step: int) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}

@@ -9,11 +9,25 @@ Exact resume: a checkpoint holds weights, AdamW state, GradScaler state, RNG sta
 (step, epoch, samples consumed in the epoch). The lr is a pure function of the step, the data order and
 masks are pure functions of (seed, epoch, index), and the global torch RNG (drop path) is re-seeded from
 (seed, rank, step) before every step, so a resumed run repeats the uninterrupted one bit for bit.
+
+Crash safety: every checkpoint is written under a temporary name and renamed into place (a killed run leaves
+the previous checkpoint whole, plus a temp file the next start deletes). A checkpoint is written after the
+step's work is complete: at the end of an epoch only after its validation, so a run resumed after a kill
+at any moment (SIGKILL included) repeats exactly what the uninterrupted run did.
+
+NaN/inf loss: the loss is checked before the optimizer step. With trainer.nan_retries = 0 the run stops with
+TrainingDiverged and the last checkpoint is left intact. With nan_retries = R > 0 the run rolls back to the
+last good checkpoint (weights, optimizer, scaler, RNG, progress; with R > 0 a checkpoint is written at the
+start, so there always is one), multiplies the lr schedule (peak and min lr) by trainer.nan_lr_factor,
+rewrites the checkpoint with the new lr scale (so it survives a later resume), logs the event (stderr,
+a "nan_rollbacks" row in metrics.csv, a line in <run_dir>/events.jsonl) and continues; the (R+1)-th NaN of
+the run raises TrainingDiverged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -31,14 +45,15 @@ from mimkit import rng
 from mimkit.config import ConfigError, PretrainConfig, to_yaml
 from mimkit.data.sampler import SeededSampler
 from mimkit.engine import checkpoint as ckpt_io
-from mimkit.engine.metrics import RunLogger
+from mimkit.engine.metrics import MetricsCSV, RunLogger
 from mimkit.engine.optim import build_optimizer, lr_at, no_decay_names, set_lr, warmup_steps
 
 VAL_STREAM = 0x7A1D  # the validation masks' seed is rng.combine(trainer.seed, VAL_STREAM): fixed for the run
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; raised before the optimizer step, leaving the last checkpoint intact."""
+    """The loss became NaN or infinite (after trainer.nan_retries rollbacks, if any); raised before the optimizer
+    step, leaving the last checkpoint intact."""
 
 
 @dataclass
@@ -228,6 +243,9 @@ class _Loop:
         self.last_metrics: dict = {}
         self.bar = None
         self.logger: RunLogger | None = None
+        self.lr_scale = 1.0       # product of trainer.nan_lr_factor over the NaN rollbacks of this run
+        self.nan_rollbacks = 0    # rollbacks so far (both survive a resume: checkpoint["nan_guard"])
+        self.resumed = False
 
     def print(self, msg: str) -> None:
         if self.rank0:
@@ -270,6 +288,7 @@ class _Loop:
         if self.rank0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             ckpt_io.remove_stale_temps(self.ckpt_dir)
+            ckpt_io.remove_stale_temps(run_dir)  # config.yaml's, if a run was killed while writing it
         fabric.barrier()
 
         # data and method, identically initialised on every rank
@@ -334,20 +353,16 @@ class _Loop:
 
         progress = {"global_step": 0, "epoch": 0, "position": 0}
         if ckpt is not None:
-            if self.is_fsdp:
-                state = {"model": model, "optimizer": optimizer}
-                fabric.load(ckpt_path, state, strict=False)
-            else:
-                optimizer.optimizer.load_state_dict(ckpt["optimizer"])
-            if self.scaler is not None and ckpt.get("scaler"):
-                self.scaler.load_state_dict(ckpt["scaler"])
-            if ckpt.get("rng"):
-                set_rng_state(ckpt["rng"])
-            progress.update({k: int(v) for k, v in ckpt["progress"].items() if k in progress})
-            self.last_metrics = dict(ckpt.get("metrics") or {})
+            progress = self._load_training_state(ckpt_path, ckpt, weights_loaded=not self.is_fsdp)
+            guard = ckpt.get("nan_guard") or {}
+            self.lr_scale = float(guard.get("lr_scale", 1.0))
+            self.nan_rollbacks = int(guard.get("rollbacks", 0))
+            self.resumed = True
             self.print(
                 f"resumed from {ckpt_path}: step {progress['global_step']}/{self.total_steps}, "
                 f"epoch {progress['epoch']}, sample {progress['position']} of the epoch"
+                + (f"; lr scale {self.lr_scale:g} after {self.nan_rollbacks} NaN rollback(s)"
+                   if self.nan_rollbacks else "")
             )
         del ckpt
         self.data_meta = {
@@ -355,6 +370,24 @@ class _Loop:
             "mean": [float(x) for x in data.mean], "std": [float(x) for x in data.std],
         }
         return self._train(progress)
+
+    def _load_training_state(self, ckpt_path: Path, ckpt: dict, weights_loaded: bool = False) -> dict:
+        """Load weights (unless `weights_loaded`), optimizer, scaler and RNG states from a checkpoint (every rank
+        reads the same file); returns its progress {"global_step", "epoch", "position"}."""
+        if self.is_fsdp:
+            self.fabric.load(ckpt_path, {"model": self.model, "optimizer": self.optimizer}, strict=False)
+        else:
+            if not weights_loaded:
+                ckpt_io.load_state_strict(self.method, ckpt["model"], str(ckpt_path))
+            self.optimizer.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("rng"):
+            set_rng_state(ckpt["rng"])
+        progress = {"global_step": 0, "epoch": 0, "position": 0}
+        progress.update({k: int(v) for k, v in ckpt["progress"].items() if k in progress})
+        self.last_metrics = dict(ckpt.get("metrics") or {})
+        return progress
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -428,6 +461,7 @@ class _Loop:
             "model": self.model, "optimizer": self.optimizer,
             "progress": {"global_step": step, "epoch": epoch, "position": position, "total_steps": self.total_steps},
             "rng": rng_state(), "metrics": {k: float(v) for k, v in self.last_metrics.items()},
+            "nan_guard": {"lr_scale": float(self.lr_scale), "rollbacks": int(self.nan_rollbacks)},
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
@@ -456,8 +490,8 @@ class _Loop:
         step, epoch, position = progress["global_step"], progress["epoch"], progress["position"]
         if position >= epoch_len:
             epoch, position = epoch + 1, 0
-        self.saved_step = step if step > 0 else -1
-        self.logger = RunLogger(self.run_dir, self.rank0, resume_step=step if step > 0 else None)
+        self.saved_step = step if self.resumed else -1
+        self.logger = RunLogger(self.run_dir, self.rank0, resume_step=step if self.resumed else None)
         if self.rank0 and tc.progress:
             from tqdm.auto import tqdm
 
@@ -467,7 +501,10 @@ class _Loop:
             f"run dir: {self.run_dir}\n{self.total_steps} optimizer steps ({self.steps_per_epoch}/epoch) of "
             f"{B} images = {self.world} device(s) x {self.micro} x {A} accumulation; peak lr {self.peak_lr:.3g}, "
             f"{self.warmup} warmup steps"
+            + (f" (x {self.lr_scale:g} after {self.nan_rollbacks} NaN rollback(s))" if self.lr_scale != 1.0 else "")
         )
+        if tc.nan_retries > 0 and self.saved_step < 0 and step < self.total_steps:
+            self.save(step, epoch, position)  # a NaN before the first periodic checkpoint rolls back to this one
         stop_at = tc.stop_after_steps
         # images/s counts time inside optimizer steps (data wait included), not validation or checkpointing
         window_loss, window_steps, window_time = 0.0, 0, 0.0
@@ -486,9 +523,11 @@ class _Loop:
                 self.sampler.set_epoch(epoch, position // self.world)
                 batches = iter(train_loader)
                 n_steps = min((epoch_len - position) // B, self.total_steps - step)
+                rolled_back = False
                 for _ in range(n_steps):
                     t_step = time.perf_counter()
-                    lr = lr_at(step, self.total_steps, self.warmup, self.peak_lr, oc.min_lr)
+                    s = self.lr_scale
+                    lr = lr_at(step, self.total_steps, self.warmup, self.peak_lr * s, oc.min_lr * s)
                     set_lr(optimizer, lr)
                     torch.manual_seed(rng.combine(tc.seed, fabric.global_rank, step))
                     if begin_step is not None:
@@ -509,7 +548,13 @@ class _Loop:
                     step_metrics = dict(zip(sorted(out), means.tolist()))
                     lv = step_metrics["loss"]
                     if not math.isfinite(lv):
-                        self._diverged(step, epoch, lv, lr)
+                        # raises TrainingDiverged, or restores the last checkpoint with a lower lr
+                        step, epoch, position = self._diverged(step, epoch, lv, lr)
+                        if position >= epoch_len:
+                            epoch, position = epoch + 1, 0
+                        window_loss, window_steps, window_time = 0.0, 0, 0.0
+                        rolled_back = True
+                        break
                     if oc.clip_grad is not None:
                         gnorm = fabric.clip_gradients(model, optimizer, max_norm=oc.clip_grad)
                         step_metrics["grad_norm"] = float(gnorm)
@@ -541,19 +586,25 @@ class _Loop:
                         self.last_metrics.update(metrics)
                         self.logger.log(metrics, step)
                         window_loss, window_steps, window_time = 0.0, 0, 0.0
-                    if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0:
+                    # a step that ends the epoch is checkpointed after the epoch's validation (below), so that
+                    # a run killed in between repeats the validation when resumed
+                    if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 and position < epoch_len:
                         self.save(step, epoch, position)
                     if stop_at is not None and step >= stop_at and step < self.total_steps:
                         stopped_early = True
                         break
                 del batches
+                if rolled_back:
+                    continue
                 if position >= epoch_len:  # a whole epoch: validate, then checkpoint at the epoch boundary
                     epoch, position = epoch + 1, 0
                     val_loss, val_step = self._validate_and_log(step, epoch), step
                     self._save_recon(step, epoch)
                     every = tc.checkpoint_every_epochs
-                    if every and epoch % every == 0 and step < self.total_steps:
-                        self.save(step, epoch, position, keep_copy=tc.keep_epoch_checkpoints)
+                    epoch_due = bool(every) and epoch % every == 0
+                    step_due = bool(tc.checkpoint_every_steps) and step % tc.checkpoint_every_steps == 0
+                    if (epoch_due or step_due) and step < self.total_steps:
+                        self.save(step, epoch, position, keep_copy=bool(epoch_due and tc.keep_epoch_checkpoints))
                 if stopped_early:
                     if self.saved_step != step:
                         self.save(step, epoch, position)
@@ -574,7 +625,7 @@ class _Loop:
         metrics = {
             "global_step": step, "total_steps": self.total_steps, "epoch": step / self.steps_per_epoch,
             "loss": lv, "val_loss": val_loss, "images_per_s": run_steps * B / max(train_time, 1e-9),
-            "stopped_early": stopped_early,
+            "stopped_early": stopped_early, "nan_rollbacks": self.nan_rollbacks, "lr_scale": self.lr_scale,
         }
         self.print(
             f"done: step {step}/{self.total_steps}, loss {lv:.4f}"
@@ -612,17 +663,69 @@ class _Loop:
             self._recon_off = True
             self.print(f"warning: no more reconstruction pictures this run: {type(err).__name__}: {err}")
 
-    def _diverged(self, step: int, epoch: int, loss: float, lr: float):
+    def _diverged(self, step: int, epoch: int, loss: float, lr: float) -> tuple[int, int, int]:
+        """A NaN/inf loss at 0-based `step`, before its optimizer step. With rollbacks left (trainer.nan_retries),
+        restore the last checkpoint, scale the lr by trainer.nan_lr_factor and return the restored
+        (step, epoch, position); otherwise raise TrainingDiverged."""
+        tc = self.cfg.trainer
+        retries = tc.nan_retries
+        if self.nan_rollbacks < retries and self.saved_step >= 0:  # the same decision on every rank
+            return self._rollback(step, loss, lr)
         last = f"{self.last_ckpt} (step {self.saved_step})" if self.saved_step >= 0 else "none was written yet"
+        tried = ""
+        if retries:
+            tried = (f"{self.nan_rollbacks} rollback(s) to the last good checkpoint with a lower lr did not help "
+                     f"(trainer.nan_retries={retries}, lr scale now {self.lr_scale:g}). ")
         msg = (
             f"loss is {loss} at optimizer step {step + 1} (epoch {epoch}, lr {lr:.3g}); training stopped before "
-            f"the optimizer step, so no weights were updated with it. Last good checkpoint: {last}. "
+            f"the optimizer step, so no weights were updated with it. {tried}Last good checkpoint: {last}. "
             f"Try a lower optim.base_lr / optim.lr, a longer warmup (optim.warmup_fraction), gradient clipping "
-            f"(optim.clip_grad=1.0), or trainer.precision=32-true / bf16-mixed instead of 16-mixed; "
-            f"then resume from the checkpoint or start again."
+            f"(optim.clip_grad=1.0), trainer.nan_retries, or trainer.precision=32-true / bf16-mixed instead of "
+            f"16-mixed; then resume from the checkpoint or start again."
         )
+        self._event({"event": "nan_stop", "nan_step": step + 1, "loss": str(loss), "lr": lr,
+                     "rollbacks": self.nan_rollbacks, "lr_scale": self.lr_scale,
+                     "last_checkpoint_step": self.saved_step})
         self.print(msg)
         raise TrainingDiverged(msg)
+
+    def _rollback(self, step: int, loss: float, lr: float) -> tuple[int, int, int]:
+        tc = self.cfg.trainer
+        self.optimizer.zero_grad(set_to_none=True)  # drop the NaN gradients
+        ckpt = ckpt_io.load_checkpoint(self.last_ckpt)
+        progress = self._load_training_state(self.last_ckpt, ckpt)
+        del ckpt
+        back, epoch, position = progress["global_step"], progress["epoch"], progress["position"]
+        self.nan_rollbacks += 1
+        self.lr_scale *= tc.nan_lr_factor
+        self.last_metrics.update({"nan_rollbacks": float(self.nan_rollbacks), "lr_scale": self.lr_scale})
+        # history and metrics.csv read like the run that goes on from the restored step
+        self.history = [h for h in self.history if h["step"] <= back]
+        if self.logger is not None and self.logger.csv is not None:
+            self.logger.csv = MetricsCSV(self.logger.csv.path, resume_step=back)
+        if self.logger is not None:
+            self.logger.log({"nan_rollbacks": self.nan_rollbacks, "lr_scale": self.lr_scale}, back)
+        self.save(back, epoch, position)  # the same state with the new lr scale: a later resume keeps it
+        self._event({"event": "nan_rollback", "nan_step": step + 1, "loss": str(loss), "lr": lr,
+                     "rollback_to_step": back, "rollbacks": self.nan_rollbacks, "max_rollbacks": tc.nan_retries,
+                     "lr_scale": self.lr_scale})
+        self.print(
+            f"loss is {loss} at optimizer step {step + 1} (lr {lr:.3g}): rolled back to the checkpoint of step "
+            f"{back} ({self.nan_rollbacks}/{tc.nan_retries} rollbacks); lr schedule now x {self.lr_scale:g} "
+            f"(trainer.nan_lr_factor={tc.nan_lr_factor:g})"
+        )
+        if self.bar is not None:
+            self.bar.n = back
+            self.bar.refresh()
+        return back, epoch, position
+
+    def _event(self, record: dict) -> None:
+        """Append one JSON line to <run_dir>/events.jsonl (rank 0)."""
+        if not self.rank0:
+            return
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
+        with open(self.run_dir / "events.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     def _result(self, metrics: dict) -> TrainResult:
         fabric = self.fabric
