@@ -11,6 +11,11 @@ machine; meaningful with --threads 1).
 
     python benchmarks/throughput.py --device cpu --configs tiny32,base224 --precisions fp32,bf16 \
         --json bench.json
+
+--compile adds a torch.compile(mimkit) row, --grad-ckpt a row with the encoder's activation checkpointing
+(`encoder.set_grad_checkpointing()`), --memory the peak memory of one training step of every row (CUDA:
+torch.cuda.max_memory_allocated, everything allocated; CPU: `PeakMemory`, tensor storage alive at the peak
+above the weights and optimizer state that exist before the step: activations, gradients, temporaries).
 """
 
 from __future__ import annotations
@@ -63,11 +68,12 @@ def norm_pix(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- builders
 # Each builder returns (model, step_loss) where step_loss(images) -> scalar loss.
 
-def build_mimkit(cfg: BenchConfig, compile_model: bool = False):
+def build_mimkit(cfg: BenchConfig, compile_model: bool = False, grad_ckpt: bool = False):
     from mimkit.methods.mae import MAE
     from mimkit.models import MAEDecoder, VisionTransformer
 
-    enc = VisionTransformer.from_preset(cfg.encoder, cfg.img_size, cfg.patch_size, cfg.in_chans)
+    enc = VisionTransformer.from_preset(cfg.encoder, cfg.img_size, cfg.patch_size, cfg.in_chans,
+                                        grad_checkpointing=grad_ckpt)
     dec = MAEDecoder(enc.grid.shape, enc.embed_dim, enc.grid.patch_dim, dim=cfg.dec_dim, depth=cfg.dec_depth,
                      num_heads=cfg.dec_heads)
     model = MAE(enc, dec, MASK_RATIO, norm_pix=True)
@@ -152,6 +158,20 @@ class Runner:
         self.rates: list[float] = []      # images / wall-clock second, per round
         self.cpu_rates: list[float] = []  # images / CPU second of this process, per round
         self.params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.peak_mib: float | None = None
+
+    def measure_memory(self):
+        """Peak memory (MiB) of one training step, after warmup (optimizer state already allocated)."""
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.step()
+            sync(self.device)
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+            return
+        with PeakMemory() as tracker:
+            self.step()
+        self.peak_mib = tracker.peak / 2**20
 
     def step(self):
         self.opt.zero_grad(set_to_none=True)
@@ -174,17 +194,64 @@ class Runner:
         self.cpu_rates.append(steps * self.images.shape[0] / max(dc, 1e-9))
 
 
+class PeakMemory:
+    """Peak bytes of tensor storage allocated inside the block and alive at once (any device; exact at op
+    boundaries): every op's outputs are seen through a TorchDispatchMode, and storages are dropped from the
+    count once freed. What existed before (weights, optimizer state) is not counted."""
+
+    def __init__(self):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker.live = {k: v for k, v in tracker.live.items() if not v[0].expired()}
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        st = t.untyped_storage()
+                        key = (t.device, st.data_ptr())
+                        old = tracker.before.get(key)  # memory of a tensor from before, unless freed since
+                        if st.nbytes() and key not in tracker.live and (old is None or old.expired()):
+                            tracker.live[key] = (StorageWeakRef(st), st.nbytes())
+                tracker.peak = max(tracker.peak, sum(n for _, n in tracker.live.values()))
+                return out
+
+        self.mode, self.live, self.before, self.peak = Mode(), {}, {}, 0
+        self.weak_ref = StorageWeakRef
+
+    def __enter__(self):
+        import gc
+
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance() on every object touches deprecated module attributes
+            warnings.simplefilter("ignore")
+            tensors = [t for t in gc.get_objects() if isinstance(t, torch.Tensor)]
+        self.before = {(t.device, t.untyped_storage().data_ptr()): self.weak_ref(t.untyped_storage())
+                       for t in tensors}
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def bench(cfg, device, precision, batch, steps, rounds, warmup, peers, compile_model):
+def bench(cfg, device, precision, batch, steps, rounds, warmup, peers, compile_model, grad_ckpt=False,
+          memory=False):
     bf16 = precision == "bf16"
     torch.manual_seed(0)
     runners = [Runner("mimkit", *build_mimkit(cfg), device, bf16, batch, cfg)]
     if compile_model:
         runners.append(Runner("mimkit+compile", *build_mimkit(cfg, compile_model=True), device, bf16, batch, cfg))
+    if grad_ckpt:
+        runners.append(Runner("mimkit+ckpt", *build_mimkit(cfg, grad_ckpt=True), device, bf16, batch, cfg))
     if "hf" in peers:
         runners.append(Runner("hf", *build_hf(cfg, "sdpa"), device, bf16, batch, cfg))
     if "hf-eager" in peers:
@@ -197,6 +264,8 @@ def bench(cfg, device, precision, batch, steps, rounds, warmup, peers, compile_m
     for r in runners:
         for _ in range(warmup):
             r.step()
+        if memory:
+            r.measure_memory()
     for i in range(rounds):
         order = runners if i % 2 == 0 else runners[::-1]
         for r in order:
@@ -211,7 +280,7 @@ def bench(cfg, device, precision, batch, steps, rounds, warmup, peers, compile_m
              ratio_mimkit_over_this=med["mimkit"] / med[r.name],
              # the same round's mimkit rate over this one's, median over rounds: robust to slow drifts in load
              paired_ratio=statistics.median(a / b for a, b in zip(ref.rates, r.rates)),
-             cpu_ratio=cpu_med["mimkit"] / cpu_med[r.name])
+             cpu_ratio=cpu_med["mimkit"] / cpu_med[r.name], peak_mib=r.peak_mib)
         for r in runners
     ]
 
@@ -232,6 +301,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
     ap.add_argument("--peers", default="hf,lightly", help="comma list of hf, hf-eager, lightly")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(mimkit) (a separate row)")
+    ap.add_argument("--grad-ckpt", action="store_true",
+                    help="also time mimkit with activation checkpointing of the encoder blocks (a separate row)")
+    ap.add_argument("--memory", action="store_true", help="also measure each row's peak memory of one step")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args(argv)
@@ -258,7 +330,8 @@ def main(argv=None):
         cfg = CONFIGS[key]
         for precision in args.precisions.split(","):
             batch = args.batch_size or (cfg.batch_cuda if device.type == "cuda" else cfg.batch_cpu)
-            rows = bench(cfg, device, precision, batch, args.steps, args.rounds, args.warmup, peers, args.compile)
+            rows = bench(cfg, device, precision, batch, args.steps, args.rounds, args.warmup, peers, args.compile,
+                         args.grad_ckpt, args.memory)
             results += rows
             print_rows(rows)
     print()
@@ -270,18 +343,21 @@ def main(argv=None):
 
 def print_rows(rows):
     for r in rows:
+        mem = f"  peak {r['peak_mib']:.1f} MiB" if r.get("peak_mib") is not None else ""
         print(f"  {r['key']:8s} {r['precision']:5s} b={r['batch']:<4d} {r['impl']:15s} {r['images_per_s']:9.2f} img/s  "
-              f"{r['images_per_cpu_s']:9.2f} img/cpu-s  rounds={r['rounds']}", flush=True)
+              f"{r['images_per_cpu_s']:9.2f} img/cpu-s{mem}  rounds={r['rounds']}", flush=True)
 
 
 def print_table(results):
+    mem = any(r.get("peak_mib") is not None for r in results)
     print("| config | precision | batch | implementation | images/s (median) | mimkit / this | paired ratio "
-          "| images/CPU-s | mimkit / this (CPU time) |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+          "| images/CPU-s | mimkit / this (CPU time) |" + (" peak MiB |" if mem else ""))
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if mem else ""))
     for r in results:
+        peak = "" if not mem else (f" {r['peak_mib']:.1f} |" if r.get("peak_mib") is not None else " |")
         print(f"| {r['config']} | {r['precision']} | {r['batch']} | {r['impl']} | {r['images_per_s']:.2f} | "
               f"{r['ratio_mimkit_over_this']:.2f}x | {r['paired_ratio']:.2f}x | {r['images_per_cpu_s']:.2f} | "
-              f"{r['cpu_ratio']:.2f}x |")
+              f"{r['cpu_ratio']:.2f}x |" + peak)
 
 
 def cpu_name():

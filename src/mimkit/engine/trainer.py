@@ -346,6 +346,10 @@ class _Loop:
         # a method may scale the base-lr rule (DMJD: pred_ratio / mask_ratio); an explicit optim.lr is used as given
         scale = getattr(method, "lr_scale", None)
         self.peak_lr = oc.peak_lr * (scale(self.resolved) if scale is not None and oc.lr is None else 1.0)
+        if tc.compile:
+            # Fabric unwraps the OptimizedModule, wraps the plain module (DDP / FSDP) and compiles the wrapper;
+            # state dicts come from the plain module, so checkpoints carry no `_orig_mod.` prefix
+            method = torch.compile(method)
         model = fabric.setup_module(method)
         optimizer = fabric.setup_optimizers(build_optimizer(model, oc, no_decay, lr=self.peak_lr))
         self.model, self.optimizer = model, optimizer

@@ -1,4 +1,10 @@
-"""Frozen-encoder feature extraction for kNN / linear evaluation."""
+"""Frozen-encoder feature extraction for kNN / linear evaluation.
+
+Distributed extraction (`distributed=True`, every process of an initialised torch.distributed group calls
+with the same encoder weights and the same dataset): rank r encodes images r, r + W, r + 2W, ... and the
+features are all-gathered back into data order, so every rank returns the same tensors a single process
+would (up to floating-point differences of batch composition) after encoding only 1/W of the images.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +49,30 @@ def _batches(data, batch_size: int, limit: int | None) -> Iterable:
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate)
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default torch.distributed group; (0, 1) when there is none."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_in_order(local: torch.Tensor, n: int, world: int, device: torch.device) -> torch.Tensor:
+    """Rows r, r + W, ... of an n-row result from every rank r (this rank's are `local`): the n rows in order."""
+    import torch.distributed as dist
+
+    per_rank = -(-n // world)  # ranks hold per_rank or per_rank - 1 rows; pad to per_rank
+    pad = local.new_zeros((per_rank - local.shape[0], *local.shape[1:]))
+    # NCCL gathers only device tensors; gloo takes CPU tensors
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.cat([local, pad]).to(where).contiguous()
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    # row j of rank r is item r + j * W: interleave, then drop the padding (it lands after item n - 1)
+    return torch.stack(parts, dim=1).flatten(0, 1)[:n].cpu()
+
+
 def _split(batch) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, dict):
         images, labels = batch["image"], batch["label"]
@@ -60,11 +90,29 @@ def _device_of(encoder: nn.Module, device) -> torch.device:
 
 @torch.no_grad()
 def encode_dataset(encoder: nn.Module, dataset_or_loader, fn, batch_size: int = 256,
-                   device: str | torch.device | None = None, limit: int | None = None) -> tuple[list, torch.Tensor]:
+                   device: str | torch.device | None = None, limit: int | None = None,
+                   distributed: bool = False) -> tuple[list, torch.Tensor]:
     """`fn(encoder, images)` (a tensor, or a list of tensors) for every batch, moved to the CPU and concatenated
-    in data order, plus the labels. The encoder runs in eval mode; its mode is restored afterwards."""
+    in data order, plus the labels. The encoder runs in eval mode; its mode is restored afterwards.
+
+    distributed: share the images among the processes of the torch.distributed group and all-gather the
+    results (see the module docstring); every rank must call. Needs a map-style dataset; without an
+    initialised group of more than one process it is the plain single-process extraction."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
+    rank, world = _world() if distributed else (0, 1)
+    if world > 1:
+        if not _is_dataset(dataset_or_loader):
+            raise ValueError("distributed feature extraction needs a map-style dataset of samples, not a loader "
+                             "or a list of batches (each rank must be able to pick its own images)")
+        n = len(dataset_or_loader) if limit is None else min(limit, len(dataset_or_loader))
+        if n >= world:  # else every rank encodes the few images itself: same result, nothing to share
+            # n >= world: every rank has at least one image, so every rank knows the output shapes
+            mine = Subset(dataset_or_loader, range(rank, n, world))
+            outs, labels = encode_dataset(encoder, mine, fn, batch_size, device)
+            dev = _device_of(encoder, device)
+            return ([_gather_in_order(o, n, world, dev) for o in outs],
+                    _gather_in_order(labels, n, world, dev))
     device = _device_of(encoder, device)
     was_training = encoder.training
     encoder.eval()
@@ -98,6 +146,7 @@ def extract_features(
     device: str | torch.device | None = None,
     limit: int | None = None,
     layers: list[int] | None = None,
+    distributed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled encoder features of every image: (Float32[N, D], Long[N]), both on the CPU, in data order.
 
@@ -108,6 +157,8 @@ def extract_features(
     on `device` (default: where its parameters are) and its train/eval mode is restored afterwards.
     `layers` (block indices, negative from the end) pools the tokens after those blocks instead of the final
     output, concatenated in the order given: [N, len(layers) * D]; the encoder needs `forward_layers`.
+    `distributed=True`: every process of the torch.distributed group calls this with the same encoder and
+    dataset; each encodes a 1/W share and all get every feature, in data order (see `encode_dataset`).
     """
     if pool not in ("cls", "mean"):
         raise ValueError(f"unknown pooling {pool!r}; choose 'cls' or 'mean'")
@@ -117,22 +168,22 @@ def extract_features(
             return torch.cat([pool_tokens(t, pool).float() for t in enc.forward_layers(x, list(layers))], 1)
         return pool_tokens(enc(x), pool).float()
 
-    (feats,), labels = encode_dataset(encoder, dataset_or_loader, fn, batch_size, device, limit)
+    (feats,), labels = encode_dataset(encoder, dataset_or_loader, fn, batch_size, device, limit, distributed)
     return feats, labels
 
 
 def extract_layer_features(encoder: nn.Module, dataset_or_loader, layers: list[int], pool: str = "cls",
-                           batch_size: int = 256, device=None, limit: int | None = None):
+                           batch_size: int = 256, device=None, limit: int | None = None, distributed: bool = False):
     """Pooled features after each chosen block, in one pass: ([Float32[N, D] per layer], Long[N])."""
     if pool not in ("cls", "mean"):
         raise ValueError(f"unknown pooling {pool!r}; choose 'cls' or 'mean'")
     fn = lambda enc, x: [pool_tokens(t, pool).float() for t in enc.forward_layers(x, list(layers))]  # noqa: E731
-    return encode_dataset(encoder, dataset_or_loader, fn, batch_size, device, limit)
+    return encode_dataset(encoder, dataset_or_loader, fn, batch_size, device, limit, distributed)
 
 
 def extract_tokens(encoder: nn.Module, dataset_or_loader, batch_size: int = 256, device=None,
-                   limit: int | None = None, dtype: torch.dtype = torch.float16):
+                   limit: int | None = None, dtype: torch.dtype = torch.float16, distributed: bool = False):
     """All output tokens [N, 1 + T, D] (class token first), cached in `dtype` to halve memory, and labels."""
     (tokens,), labels = encode_dataset(encoder, dataset_or_loader, lambda enc, x: enc(x).to(dtype),
-                                       batch_size, device, limit)
+                                       batch_size, device, limit, distributed)
     return tokens, labels

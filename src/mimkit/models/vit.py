@@ -3,6 +3,12 @@
 Differences from timm's VisionTransformer are only in what `forward` accepts: the encoder can run on a
 subset of patch tokens (MAE's visible-only encoding). Position embeddings are fixed 2-D sin-cos, stored
 as a frozen `pos_embed` parameter of shape [1, 1 + N, D] (class-token row zero), exactly timm's layout.
+
+Activation checkpointing (`model.grad_checkpointing`, or `encoder.set_grad_checkpointing()` as in timm):
+each block then keeps only its input for the backward pass and recomputes its activations there. It is
+decided inside the block (`CheckpointBlock`), so every path through the blocks gets it: `forward`,
+`forward_tokens`, `run_blocks`, `forward_layers` and methods that loop over `encoder.blocks` themselves.
+It applies in training mode with autograd on; evaluation and `torch.no_grad()` run the blocks plainly.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
+from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block
 
 from mimkit.models.patch import PatchGrid, to_2tuple
@@ -48,6 +55,19 @@ def init_mae_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+class CheckpointBlock(Block):
+    """timm's Block (same parameters and names) that recomputes itself in the backward pass when
+    `grad_checkpointing` is set, in training mode with grad enabled (torch.utils.checkpoint, non-reentrant,
+    RNG state preserved, so drop path draws the same paths in the recomputation)."""
+
+    grad_checkpointing: bool = False
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(super().forward, x, *args, use_reentrant=False, **kwargs)
+        return super().forward(x, *args, **kwargs)
+
+
 class VisionTransformer(nn.Module):
     def __init__(
         self,
@@ -60,6 +80,7 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
         timm_name: str = "vit_base_patch16_224",
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         self.grid = PatchGrid.make(img_size, patch_size, in_chans)
@@ -75,7 +96,8 @@ class VisionTransformer(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.Sequential(
             *[
-                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=norm_layer)
+                CheckpointBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i],
+                                norm_layer=norm_layer)
                 for i in range(depth)
             ]
         )
@@ -84,20 +106,36 @@ class VisionTransformer(nn.Module):
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like a Linear layer, as in MAE
         nn.init.normal_(self.cls_token, std=0.02)
+        self.set_grad_checkpointing(grad_checkpointing)
 
     @classmethod
     def from_preset(cls, name: str, img_size, patch_size, in_chans: int, drop_path_rate: float = 0.0,
-                    depth: int | None = None):
+                    depth: int | None = None, grad_checkpointing: bool = False):
         if name not in VIT_PRESETS:
             raise ValueError(f"encoder {name!r} is not a ViT; this method needs one of {sorted(VIT_PRESETS)}")
         s = VIT_PRESETS[name]
         return cls(img_size, patch_size, in_chans, s.embed_dim, depth or s.depth, s.num_heads,
-                   drop_path_rate=drop_path_rate, timm_name=s.timm_name)
+                   drop_path_rate=drop_path_rate, timm_name=s.timm_name, grad_checkpointing=grad_checkpointing)
 
     @classmethod
     def from_config(cls, model, img_size, in_chans: int) -> "VisionTransformer":
         """The encoder a config's `model` section describes (a ModelConfig)."""
-        return cls.from_preset(model.encoder, img_size, model.patch_size, in_chans, model.drop_path, model.depth)
+        return cls.from_preset(model.encoder, img_size, model.patch_size, in_chans, model.drop_path, model.depth,
+                               grad_checkpointing=bool(getattr(model, "grad_checkpointing", False)))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in the backward pass instead of storing its activations (timm's name)."""
+        for block in self.blocks:
+            if isinstance(block, CheckpointBlock):
+                block.grad_checkpointing = bool(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return any(getattr(b, "grad_checkpointing", False) for b in self.blocks)
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:
+        self.set_grad_checkpointing(enable)
 
     @property
     def depth(self) -> int:
