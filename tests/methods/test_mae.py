@@ -1,14 +1,9 @@
-import gzip
-from pathlib import Path
-
-import numpy as np
-import pytest
 import torch
 
+from method_helpers import fashion_mnist
 from mimkit.config import load_config
 from mimkit.methods import MAE, build_method
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
 def small_mae(norm_pix=True, channels=1, size=16):
@@ -67,18 +62,9 @@ def test_reconstruction_pastes_visible_patches():
     assert (rec.masked[hidden] == 0).all()
 
 
-def _fashion_mnist(n):
-    if not FMNIST.exists():
-        pytest.skip("Debian package dataset-fashion-mnist not installed")
-    with gzip.open(FMNIST) as fh:
-        raw = np.frombuffer(fh.read(), np.uint8, offset=16)
-    x = torch.from_numpy(raw[: n * 784].copy()).float().view(n, 1, 28, 28) / 255
-    return (x - 0.286) / 0.353
-
-
 def test_thirty_steps_on_real_images_lower_the_loss():
     torch.manual_seed(0)
-    images = _fashion_mnist(512)
+    images = fashion_mnist(512)
     mae = build_method(load_config(overrides=["model.decoder=tiny"]), 28, 1)
     opt = torch.optim.AdamW([p for p in mae.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95))
     fixed = {"image": images[:128], "seed": torch.arange(128) + 10**6}
