@@ -5,7 +5,6 @@ from mimkit.config import load_config
 from mimkit.methods import MAE, build_method
 
 
-
 def small_mae(norm_pix=True, channels=1, size=16):
     cfg = load_config(overrides=["model.decoder=tiny", f"method.norm_pix={norm_pix}"])
     return build_method(cfg, size, channels)
