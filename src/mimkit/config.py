@@ -29,8 +29,9 @@ ImageSize = Union[int, tuple[int, int]]
 
 
 class DataConfig(Section):
-    source: Literal["fashion_mnist", "folder", "imagefolder", "torchvision"] = "fashion_mnist"
-    path: str | None = Field(None, description="folder root (folder, imagefolder) or download root (torchvision)")
+    source: Literal["fashion_mnist", "folder", "imagefolder", "torchvision", "shards"] = "fashion_mnist"
+    path: str | None = Field(None, description="folder root (folder, imagefolder), download root (torchvision), "
+                             "or the folder of WebDataset-style .tar shards written by `mimkit data shard` (shards)")
     name: str | None = Field(None, description="torchvision dataset class name, e.g. CIFAR10")
     download: bool = False
     img_size: ImageSize = 28
@@ -78,7 +79,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _source_args(self) -> "DataConfig":
-        if self.source in ("folder", "imagefolder") and not self.path:
+        if self.source in ("folder", "imagefolder", "shards") and not self.path:
             raise ValueError(f"data.path is required for source={self.source!r}")
         if self.source == "torchvision" and not self.name:
             raise ValueError("data.name (e.g. CIFAR10) is required for source='torchvision'")
