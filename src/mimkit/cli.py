@@ -1,4 +1,4 @@
-"""`mimkit` command line: pretrain, eval, visualize, export, info, import-mae.
+"""`mimkit` command line: pretrain, eval, visualize, report, export, info, import-mae, data shard.
 
 Heavy imports happen inside the commands so `mimkit --help` answers at once.
 """
@@ -200,6 +200,21 @@ def _cmd_import_mae(args) -> int:
     return 0
 
 
+def _cmd_data_shard(args) -> int:
+    from mimkit.data.shards import INDEX_FILE, write_shards
+
+    index = write_shards(args.folder, args.out, args.shard_size, recursive=args.recursive)
+    n_shards = len(index["shards"])
+    labels = f", {len(index['classes'])} classes" if index["labelled"] else ", unlabelled"
+    print(f"wrote {index['count']} images into {n_shards} shard(s) in {args.out}{labels} (index: {INDEX_FILE})")
+    bad = index["unreadable"]
+    if bad:
+        print(f"{len(bad)} unreadable file(s) not written:", file=sys.stderr)
+        for item in bad:
+            print(f"  {item['path']}: {item['reason']}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling: pretrain, evaluate, look, export.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -253,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="describe a checkpoint")
     s.add_argument("checkpoint", help="checkpoint file or run folder")
     s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("data", help="data tools: `data shard FOLDER OUT` writes WebDataset tar shards")
+    dsub = s.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("shard", help="write the images of FOLDER into WebDataset-style tar shards in OUT "
+                        "(train with data.source=shards data.path=OUT)")
+    d.add_argument("folder", help="image folder; class sub-folders (FOLDER/<class>/...) add <key>.cls labels")
+    d.add_argument("out", help="output folder for shard-NNNNNN.tar and index.json")
+    d.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    d.add_argument("--recursive", action="store_true",
+                   help="every image under FOLDER, unlabelled (sub-folder names are not used as classes)")
+    d.set_defaults(func=_cmd_data_shard)
 
     s = sub.add_parser("import-mae", help="convert a facebookresearch/mae checkpoint into a mimkit checkpoint")
     s.add_argument("source", help="their .pth (loaded with weights_only=True) or .safetensors")

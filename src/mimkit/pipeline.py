@@ -19,6 +19,10 @@ def _with_stats(data: DataConfig, mean, std) -> DataConfig:
 
 
 def has_labels(data: DataConfig) -> bool:
+    if data.source == "shards":  # labelled when the shards hold <key>.cls members
+        from mimkit.data.shards import ShardSource
+
+        return bool(data.path) and ShardSource(data.path).labelled
     return data.source in ("fashion_mnist", "imagefolder", "torchvision")
 
 

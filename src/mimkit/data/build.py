@@ -30,6 +30,7 @@ from mimkit import rng
 from mimkit.config import DataConfig
 from mimkit.data.dataset import MIMDataset
 from mimkit.data.errors import DataError, DataReport
+from mimkit.data.shards import ShardSource
 from mimkit.data.sources import FashionMNISTSource, TorchvisionSource, scan_folder, scan_imagefolder
 from mimkit.data.transforms import EvalTransform, TrainTransform
 
@@ -72,6 +73,8 @@ def make_source(cfg: DataConfig, split: str, report: DataReport):
         return scan_folder(cfg.path, cfg.channels, cfg.on_error, report)
     if cfg.source == "imagefolder":
         return scan_imagefolder(cfg.path, cfg.channels, cfg.on_error, report)
+    if cfg.source == "shards":
+        return ShardSource(cfg.path, cfg.channels, report)
     if cfg.source == "torchvision":
         src = TorchvisionSource(cfg.name, cfg.path, cfg.download, split, cfg.channels)
         report.scanned += len(src)
@@ -178,7 +181,10 @@ def build_labelled(cfg: DataConfig, split: str, mean, std) -> MIMDataset:
     report = DataReport()
     source = make_source(cfg, split, report)
     mean, std = _check_norm(list(mean), list(std), int(source.channels))
-    if cfg.source in ("folder", "imagefolder"):
+    if cfg.source == "shards" and not source.labelled:
+        raise DataError(f"the shards in {cfg.path} hold no labels (<key>.cls members); write them from a folder "
+                        "with class sub-folders")
+    if cfg.source in ("folder", "imagefolder", "shards"):
         if split == "test" and cfg.val_fraction == 0:
             raise DataError(f"data.val_fraction is 0, so source={cfg.source!r} has no held-out images for the "
                             "'test' split; set data.val_fraction > 0")

@@ -116,7 +116,7 @@ def default_run_prefix(cfg: PretrainConfig) -> str:
     d = cfg.data
     if d.source == "torchvision" and d.name:
         dataset = d.name.lower()
-    elif d.source in ("folder", "imagefolder") and d.path:
+    elif d.source in ("folder", "imagefolder", "shards") and d.path:
         dataset = Path(d.path).name or d.source
     else:
         dataset = d.source.replace("_", "")
