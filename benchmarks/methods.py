@@ -420,17 +420,6 @@ def render_markdown(results: dict) -> str:
 # running
 
 
-def _subset(ds, n: int | None, seed: int | None):
-    from torch.utils.data import Subset
-
-    if n is None or n >= len(ds):
-        return ds
-    if seed is None:
-        return Subset(ds, range(n))
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return Subset(ds, idx.tolist())
-
-
 def evaluate(encoder, probe_data, args, ecfg, device) -> dict:
     from mimkit.eval.attentive import attentive_probe
     from mimkit.eval.features import extract_tokens
@@ -546,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from mimkit.config import EvalConfig, load_config
     from mimkit.data import build_labelled, build_pretrain_data
+    from mimkit.eval.protocols import limit_dataset
     from mimkit.methods import build_method
 
     t_all = time.perf_counter()
@@ -567,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     dcfg = base_cfg.data.model_copy(update={"mean": list(data.mean), "std": list(data.std)})
     train_all = build_labelled(dcfg, "train", data.mean, data.std)
     test_all = build_labelled(dcfg, "test", data.mean, data.std)
-    probe_data = (_subset(train_all, args.eval_train, args.seed), _subset(test_all, args.eval_test, None))
+    probe_data = (limit_dataset(train_all, args.eval_train, args.seed), limit_dataset(test_all, args.eval_test))
     log(f"methods: {', '.join(methods)}; budget {args.budget_s:g}s each; batch {args.batch_size}; "
         f"{len(data.train)} training images; probes {len(probe_data[0])} / {len(probe_data[1])}; "
         f"{torch.get_num_threads()} threads; work dir {work}")

@@ -30,24 +30,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def seeded_subset(ds, n: int | None, seed: int):
-    """A seeded random `n` of the dataset's items (index order), or all of them."""
-    if n is None or n >= len(ds):
-        return ds
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return Subset(ds, idx.tolist())
-
-
-def first(ds, n: int | None):
-    return ds if n is None or n >= len(ds) else Subset(ds, range(n))
-
 
 def pixels(ds) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
@@ -56,7 +42,6 @@ def pixels(ds) -> tuple[torch.Tensor, torch.Tensor]:
         xs.append(torch.as_tensor(item["image"]).reshape(-1).float())
         ys.append(int(item["label"]))
     return torch.stack(xs), torch.tensor(ys)
-
 
 def pretrain(out_dir: str, overrides: list[str]):
     from mimkit.config import load_config
@@ -67,7 +52,6 @@ def pretrain(out_dir: str, overrides: list[str]):
     res = train(cfg)
     log(f"pretrained: {res.run_dir} ({res.metrics.get('global_step')} steps)")
     return res.run_dir
-
 
 def pixel_baselines(args, skip, train, test, results, probes) -> None:
     """Standardized raw pixels: sklearn logistic regression, kNN and the BatchNorm + linear sweep."""
@@ -96,7 +80,6 @@ def pixel_baselines(args, skip, train, test, results, probes) -> None:
         log(f"pixels: sklearn logistic regression {100 * acc:.2f}% (C=1, lbfgs, {args.logreg_iter} iterations, "
             f"{'converged' if converged else 'not converged'}, {time.perf_counter() - t:.1f}s)")
     probes("pixels", ztr, ytr, zte, yte)
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -135,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from mimkit.eval.finetune import finetune, random_init
     from mimkit.eval.knn import knn_accuracy
     from mimkit.eval.linear import linear_probe
+    from mimkit.eval.protocols import limit_dataset
 
     t_all = time.perf_counter()
     run_dir = args.run_dir or str(pretrain(args.pretrain_out, args.pretrain_override))
@@ -149,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     mean, std = ckpt["data"]["mean"], ckpt["data"]["std"]
     data_cfg = cfg.data.model_copy(update={"mean": list(mean), "std": list(std)})
     train_all, test_all = build_labelled(data_cfg, "train", mean, std), build_labelled(data_cfg, "test", mean, std)
-    train, test = seeded_subset(train_all, args.train_size, args.seed), first(test_all, args.test_size)
-    ft_train = seeded_subset(train_all, args.ft_train_size, args.seed)
-    ft_test = first(test_all, args.ft_test_size or args.test_size)
+    train, test = limit_dataset(train_all, args.train_size, args.seed), limit_dataset(test_all, args.test_size)
+    ft_train = limit_dataset(train_all, args.ft_train_size, args.seed)
+    ft_test = limit_dataset(test_all, args.ft_test_size or args.test_size)
     log(f"checkpoint {ckpt_path}; probes: {len(train)} train / {len(test)} test; "
         f"fine-tuning: {len(ft_train)} train / {len(ft_test)} test, {args.ft_steps} steps x {args.ft_batch}; "
         f"device {device}, {torch.get_num_threads()} threads")
@@ -225,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {args.json}")
     return 0
 
-
 def table(results: dict) -> str:
     s, rows = results["setup"], results["rows"]
     cols = [("knn", f"kNN (k={s['knn_k']})"), ("linear", "linear probe"), ("xattn", "cross-attn probe"),
@@ -239,7 +222,6 @@ def table(results: dict) -> str:
         cells = [f"{100 * rows[key][c]:.2f}" if c in rows[key] else "–" for c, _ in cols]
         lines.append(f"| {names[key]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -24,7 +24,7 @@ from mimkit.eval.linear import linear_probe
 PROTOCOLS = ("knn", "linear", "attentive", "finetune", "fewshot", "layers")
 
 
-def _limit(ds, n: int | None, seed: int | None):
+def limit_dataset(ds, n: int | None, seed: int | None = None):
     """The first `n` items (seed None) or a seeded random `n` of them, in index order."""
     if n is None or n >= len(ds):
         return ds
@@ -63,7 +63,7 @@ def run_protocol(name: str, encoder, train, test, cfg: EvalConfig | None = None,
         seed = None if cfg.knn_limit and train_n == cfg.knn_limit else seed
     if name == "attentive":
         train_n = _cap(train_n, cfg.attentive_train_limit)
-    train, test = _limit(train, train_n, seed), _limit(test, test_n, None)
+    train, test = limit_dataset(train, train_n, seed), limit_dataset(test, test_n)
     src = {"pool": cfg.pool, "layers": cfg.layers}
 
     if name == "knn":
