@@ -218,10 +218,7 @@ class A2MIM(Method):
         mask = self.make_mask(batch)
         pred = self.predict(images, mask).float()
         hidden = self.grid.expand_mask(mask.masked)
-        return Reconstruction(
-            original=images, masked=self.fill_hidden(images, mask.masked), prediction=pred,
-            pasted=torch.where(hidden, pred, images.float()),
-        )
+        return Reconstruction.from_mask(images, pred, hidden, masked=self.fill_hidden(images, mask.masked))
 
 
 def high_frequency_share(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,17 @@ class Reconstruction:
     prediction: torch.Tensor     # the model's output everywhere
     pasted: torch.Tensor         # prediction on hidden patches, original visible patches
 
+    @classmethod
+    def from_mask(cls, images: torch.Tensor, prediction: torch.Tensor, hidden: torch.Tensor,
+                  masked: torch.Tensor | None = None) -> "Reconstruction":
+        """The usual picture: `hidden` (Bool[B, 1, H, W], e.g. PatchGrid.expand_mask) pixels blanked in the masked
+        column (or `masked`, what the encoder really saw) and taken from `prediction` in the pasted one."""
+        prediction = prediction.float()
+        return cls(
+            original=images, masked=images.masked_fill(hidden, 0.0) if masked is None else masked,
+            prediction=prediction, pasted=torch.where(hidden, prediction, images.float()),
+        )
+
 
 class Method(nn.Module):
     """A MIM method: an `encoder` (what evaluation and export use) plus whatever it trains beside it.

@@ -223,7 +223,4 @@ class HPM(Method):
         mask = self.make_mask(batch)
         pred = self.target.to_pixels(self.predict(images, mask)[0].float(), images.float())
         hidden = self.grid.expand_mask(mask.masked)
-        return Reconstruction(
-            original=images, masked=images.masked_fill(hidden, 0.0), prediction=pred,
-            pasted=torch.where(hidden, pred, images),
-        )
+        return Reconstruction.from_mask(images, pred, hidden)

@@ -64,7 +64,4 @@ class MAE(Method):
         mask = self.make_mask(batch)
         pred = self.target.to_pixels(self.predict(images, mask).float(), images.float())
         hidden = self.grid.expand_mask(mask.masked)
-        return Reconstruction(
-            original=images, masked=images.masked_fill(hidden, 0.0), prediction=pred,
-            pasted=torch.where(hidden, pred, images),
-        )
+        return Reconstruction.from_mask(images, pred, hidden)

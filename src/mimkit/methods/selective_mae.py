@@ -246,7 +246,4 @@ class SelectiveMAE(Method):
         everywhere = torch.arange(self.grid.num_patches, device=images.device).expand(images.shape[0], -1)
         pred = self.target.to_pixels(self.predict(images, sel, everywhere).float(), images.float())
         hidden = self.grid.expand_mask(sel.mask.masked)
-        return Reconstruction(
-            original=images, masked=images.masked_fill(hidden, 0.0), prediction=pred,
-            pasted=torch.where(hidden, pred, images),
-        )
+        return Reconstruction.from_mask(images, pred, hidden)

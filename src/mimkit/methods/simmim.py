@@ -74,7 +74,4 @@ class SimMIM(Method):
         mask = self.make_mask(batch)
         pred = self.predict(images, mask).float()
         hidden = self.grid.expand_mask(mask.masked)
-        return Reconstruction(
-            original=images, masked=images.masked_fill(hidden, 0.0), prediction=pred,
-            pasted=torch.where(hidden, pred, images.float()),
-        )
+        return Reconstruction.from_mask(images, pred, hidden)
