@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
+from mimkit.config import MethodSection
 from mimkit.masking.block import BlockMasking
 from mimkit.masking.coarse import CoarseMasking
 from mimkit.masking.random import RandomMasking
@@ -22,3 +25,13 @@ def build_masking(kind: str, ratio: float, unit: int = 2, block_min_area: float 
     if kind == "random":
         return RandomMasking(ratio)
     raise ValueError(f"unknown mask {kind!r}; choose coarse, block or random")
+
+
+class SwappableMaskSettings(MethodSection):
+    """Settings of a method whose masking slot is chosen by name; subclasses set their own defaults."""
+
+    mask: MaskKind = Field("coarse", description="mask generator: SimMIM's coarse units, BEiT blocks, or MAE random")
+    mask_ratio: float = Field(0.6, gt=0.0, lt=1.0, description="fraction of patches (coarse: of mask units) hidden")
+    mask_unit: int = Field(2, ge=1, description="coarse mask unit in patches (SimMIM: 32-px units over 16-px patches)")
+    block_min_area: float = Field(0.08, gt=0.0, description="block masking's smallest block: fraction of N if < 1, "
+                                  "else a patch count (BEiT v2: 16 of 196)")

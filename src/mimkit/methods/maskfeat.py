@@ -14,21 +14,18 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from mimkit.config import MethodSection, ModelConfig
+from mimkit.config import ModelConfig
 from mimkit.losses import masked_mse
-from mimkit.masking import Mask, MaskKind, build_masking
+from mimkit.masking import Mask, MaskKind, SwappableMaskSettings, build_masking
 from mimkit.methods.base import Method
 from mimkit.models import VisionTransformer
 from mimkit.targets import HOGTarget
 
 
-class MaskFeatConfig(MethodSection):
+class MaskFeatConfig(SwappableMaskSettings):
     name: Literal["maskfeat"] = "maskfeat"
     mask: MaskKind = Field("block", description="mask generator: BEiT blocks (MaskFeat), SimMIM coarse, MAE random")
     mask_ratio: float = Field(0.4, gt=0.0, lt=1.0, description="fraction of patches hidden (MaskFeat images: 40%)")
-    mask_unit: int = Field(2, ge=1, description="coarse mask unit in patches (mask=coarse only)")
-    block_min_area: float = Field(0.08, gt=0.0, description="block masking's smallest block: fraction of N if < 1, "
-                                  "else a patch count (16 of 196 at ImageNet scale)")
     hog_nbins: int = Field(9, ge=1, description="HOG orientation bins over [0, pi)")
     hog_cells: int = Field(2, ge=1, description="HOG cells per patch side: cell = patch / hog_cells "
                            "(MaskFeat: 8-px cells in 16-px patches)")

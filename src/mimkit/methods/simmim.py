@@ -12,21 +12,16 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field
 
-from mimkit.config import MethodSection, ModelConfig
+from mimkit.config import ModelConfig
 from mimkit.losses import masked_l1
-from mimkit.masking import Mask, MaskKind, build_masking
+from mimkit.masking import Mask, SwappableMaskSettings, build_masking
 from mimkit.methods.base import Method, Reconstruction
 from mimkit.models import PixelShuffleHead, VisionTransformer
 
-class SimMIMConfig(MethodSection):
+
+class SimMIMConfig(SwappableMaskSettings):
     name: Literal["simmim"] = "simmim"
-    mask: MaskKind = Field("coarse", description="mask generator: SimMIM's coarse units, BEiT blocks, or MAE random")
-    mask_ratio: float = Field(0.6, gt=0.0, lt=1.0, description="fraction of patches (coarse: of mask units) hidden")
-    mask_unit: int = Field(2, ge=1, description="coarse mask unit in patches (SimMIM: 32-px units over 16-px patches)")
-    block_min_area: float = Field(0.08, gt=0.0, description="block masking's smallest block: fraction of N if < 1, "
-                                  "else a patch count (BEiT v2: 16 of 196)")
 
 
 class SimMIM(Method):
