@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -26,6 +26,7 @@ class Section(BaseModel):
 
 
 ImageSize = Union[int, tuple[int, int]]
+DepthFraction = Annotated[float, Field(gt=0.0, le=1.0)]  # a layer as a share of the encoder depth (models.vit.block_at)
 
 
 class DataConfig(Section):

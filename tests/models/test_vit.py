@@ -39,3 +39,14 @@ def test_position_embeddings_are_fixed_sincos():
     assert math.isclose(pe[5, 0].item(), math.sin(2 * omega0), abs_tol=1e-6)
     assert math.isclose(pe[5, 16].item(), math.sin(1 * omega0), abs_tol=1e-6)
     assert math.isclose(pe[5, 8].item(), math.cos(2 * omega0), abs_tol=1e-6)
+
+
+def test_block_at_maps_depth_fractions_to_blocks_for_any_depth():
+    import pytest
+
+    from mimkit.models.vit import block_at
+
+    assert [block_at(f, 12) for f in (0.25, 0.5, 0.75, 1.0)] == [2, 5, 8, 11]  # 1-based 3, 6, 9, 12
+    assert [block_at(f, 2) for f in (0.1, 0.25, 1.0)] == [0, 0, 1]  # never below the first block
+    with pytest.raises(ValueError, match="fractions must be in"):
+        block_at(0.0, 4)

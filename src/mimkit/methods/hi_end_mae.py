@@ -11,37 +11,32 @@ with CrossDecoder(memories = taps) as the decoder.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 import torch.nn as nn
 from pydantic import Field
 
-from mimkit.config import MethodSection, ModelConfig
+from mimkit.config import DepthFraction, MethodSection, ModelConfig
 from mimkit.masking import Mask
 from mimkit.methods.mae import MAE
 from mimkit.models import DECODER_PRESETS, VisionTransformer
 from mimkit.models.cross_decoder import CrossDecoder
-from mimkit.models.vit import init_mae_weights
+from mimkit.models.vit import block_at, init_mae_weights
 
 
 class HiEndMAEConfig(MethodSection):
     name: Literal["hi_end_mae"] = "hi_end_mae"
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="share of patches hidden from the encoder")
     norm_pix: bool = Field(True, description="per-patch normalised pixel targets (MAE's norm_pix_loss)")
-    cross_layers: list[float] = Field(
+    cross_layers: list[DepthFraction] = Field(
         [0.75, 0.5, 0.25], min_length=1,
         description="encoder layers the cross-attention blocks read, in decoding order, as fractions of depth: "
                     "f means 1-based block round(f * depth), clamped to [1, depth] (ViT-12: 9, 6, 3)",
     )
 
 
-def tap_index(fraction: float, depth: int) -> int:
-    """0-based block index for a depth fraction: 1-based layer round-half-up(f * depth), clamped to [1, depth]."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"layer fractions must be in (0, 1], got {fraction}")
-    return min(depth, max(1, math.floor(fraction * depth + 0.5))) - 1
+tap_index = block_at  # the paper's layers 9, 6, 3 of 12 are fractions 0.75, 0.5, 0.25
 
 
 class HiEndMAE(MAE):

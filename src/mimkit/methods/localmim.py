@@ -17,7 +17,6 @@ Small-scale geometry (card 0.6: cells [p/4, p/2, p, 2p]):
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -26,10 +25,11 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from timm.layers import LayerNorm2d
 
-from mimkit.config import MethodSection, ModelConfig
+from mimkit.config import DepthFraction, MethodSection, ModelConfig
 from mimkit.masking import Mask, RandomMasking, mask_from_noise
 from mimkit.methods.base import Method
 from mimkit.models import DECODER_PRESETS, MAEDecoder, VisionTransformer
+from mimkit.models.vit import block_at
 from mimkit.targets import HOG
 
 SCALES = (4.0, 2.0, 1.0, 0.5)  # the resampling heads the reference defines
@@ -38,7 +38,7 @@ SCALES = (4.0, 2.0, 1.0, 0.5)  # the resampling heads the reference defines
 class LocalMIMConfig(MethodSection):
     name: Literal["localmim"] = "localmim"
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
-    taps: list[float] = Field(
+    taps: list[DepthFraction] = Field(
         [2 / 12, 4 / 12, 10 / 12, 1.0], min_length=1,
         description="tapped layers as fractions of depth: the tap follows block round(f * depth) (at least 1); "
                     "the reference's blocks 2, 4, 10, 12 of 12",
@@ -60,13 +60,6 @@ class LocalMIMConfig(MethodSection):
             raise ValueError(f"scales must be among {list(SCALES)}, got {bad}")
         return v
 
-    @field_validator("taps")
-    @classmethod
-    def _fractions(cls, v: list[float]) -> list[float]:
-        if any(not 0.0 < f <= 1.0 for f in v):
-            raise ValueError(f"taps are fractions of depth in (0, 1], got {v}")
-        return v
-
     @model_validator(mode="after")
     def _paired(self) -> "LocalMIMConfig":
         if len(self.taps) != len(self.scales):
@@ -76,7 +69,7 @@ class LocalMIMConfig(MethodSection):
 
 def tap_blocks(fractions, depth: int) -> list[int]:
     """0-based block indices of the taps: after block round(f * depth) (half up), at least the first block."""
-    return [min(depth, max(1, math.floor(f * depth + 0.5))) - 1 for f in fractions]
+    return [block_at(f, depth) for f in fractions]
 
 
 def resample_mask(masked: torch.Tensor, grid_shape: tuple[int, int], scale: float) -> torch.Tensor:

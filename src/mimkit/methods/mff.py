@@ -13,41 +13,33 @@ total weight on layers other than the deepest); the card's claim is that fuse_sh
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from mimkit.config import MethodSection, ModelConfig
+from mimkit.config import DepthFraction, MethodSection, ModelConfig
 from mimkit.masking import Mask
 from mimkit.methods.mae import MAE
 from mimkit.models import MAEDecoder, VisionTransformer
-from mimkit.models.vit import init_mae_weights
+from mimkit.models.vit import block_at, init_mae_weights
 
 
 class MFFConfig(MethodSection):
     name: Literal["mff"] = "mff"
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
     norm_pix: bool = Field(True, description="MAE's per-patch normalised pixel targets")
-    layers: list[float] = Field(
+    layers: list[DepthFraction] = Field(
         [1 / 12, 3 / 12, 5 / 12, 7 / 12, 9 / 12, 1.0], min_length=1,
         description="fused layers as fractions of depth: block round(f * depth) (at least 1), duplicates merged; "
                     "the reference's out_indices 0, 2, 4, 6, 8, 11 of 12",
     )
 
-    @field_validator("layers")
-    @classmethod
-    def _fractions(cls, v: list[float]) -> list[float]:
-        if any(not 0.0 < f <= 1.0 for f in v):
-            raise ValueError(f"layers are fractions of depth in (0, 1], got {v}")
-        return v
-
 
 def fused_blocks(fractions, depth: int) -> list[int]:
     """Sorted distinct 0-based block indices: after block round(f * depth) (half up), at least the first."""
-    return sorted({min(depth, max(1, math.floor(f * depth + 0.5))) - 1 for f in fractions})
+    return sorted({block_at(f, depth) for f in fractions})
 
 
 class MFF(MAE):

@@ -13,6 +13,7 @@ It applies in training mode with autograd on; evaluation and `torch.no_grad()` r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -206,6 +207,14 @@ class VisionTransformer(nn.Module):
             x = block(x)
             out[i] = x
         return [out[i] for i in idx]
+
+
+def block_at(fraction: float, depth: int) -> int:
+    """0-based index of the block at `fraction` of the depth: 1-based block round-half-up(f * depth), clamped to
+    [1, depth] (ViT-12: 0.25 -> block 3, 0.75 -> block 9). Layer knobs are fractions so recipes fit any depth."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"layer fractions must be in (0, 1], got {fraction}")
+    return min(depth, max(1, math.floor(fraction * depth + 0.5))) - 1
 
 
 def pool(features: torch.Tensor, kind: str = "cls") -> torch.Tensor:
