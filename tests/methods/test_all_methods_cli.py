@@ -44,3 +44,22 @@ def test_method_pretrains_evaluates_and_draws(name, tmp_path, capsys):
 def test_every_method_has_a_recipe():
     missing = [n for n in METHODS if not (RECIPES / f"{n}_vit_tiny_fmnist.yaml").exists()]
     assert not missing, f"methods without configs/<name>_vit_tiny_fmnist.yaml: {missing}"
+
+
+def test_a2mim_on_a_resnet_runs_through_the_cli(tmp_path, capsys):
+    if not FMNIST.exists():
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    from mimkit.config import load_config
+
+    # the CIFAR-10 recipe is valid (its data needs a download, so the run below uses Fashion-MNIST)
+    assert load_config(RECIPES / "a2mim_resnet18_cifar10.yaml").model.encoder == "resnet18"
+    args = ["--config", str(RECIPES / "a2mim_vit_tiny_fmnist.yaml"), *TINY, "model.encoder=resnet18",
+            f"trainer.out_dir={tmp_path}", "trainer.run_name=r"]
+    assert main(["pretrain", *args]) == 0
+    run = tmp_path / "r"
+    assert (run / "reconstruction.png").exists()
+    capsys.readouterr()
+    assert main(["eval", str(run), "eval.knn_limit=100"]) == 0
+    assert "kNN top-1" in capsys.readouterr().out
+    method, cfg, _ = method_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert type(method.encoder).__name__ == "ResNetEncoder"
