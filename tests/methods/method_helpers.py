@@ -48,10 +48,27 @@ def small_method(name: str, size, channels: int, *overrides: str, depth: int = 4
     return build_method(cfg, size, channels)
 
 
+def with_views(batch: dict, specs) -> dict:
+    """Add batch["views"] as the loader would (data.views.MultiViewTransform, one view per ViewSpec, seeded by
+    batch["seed"]) to a batch of already-normalised images: they are mapped to [0, 1] by the batch's range,
+    augmented, and mapped back, so the views live in the images' space. View 0 replaces batch["image"]."""
+    from mimkit.data.views import MultiViewTransform
+
+    images = batch["image"]
+    lo, hi = float(images.min()), float(images.max())
+    span = max(hi - lo, 1e-6)
+    c = images.shape[1]
+    tf = MultiViewTransform(tuple(images.shape[-2:]), specs, mean=[-lo / span] * c, std=[1 / span] * c)
+    items = [tf(((img - lo) / span).clamp(0, 1), int(s)) for img, s in zip(images, batch["seed"])]
+    views = [torch.stack([it["views"][k] for it in items]) for k in range(len(specs))]
+    return {**batch, "image": views[0], "views": views}
+
+
 def train_losses(method, images: torch.Tensor, steps: int = 30, lr: float = 1e-3, batch_size: int = 32,
-                 seed: int = 0) -> list[float]:
+                 seed: int = 0, view_specs=None) -> list[float]:
     """Train `method` for `steps` AdamW steps on minibatches of `images` (fresh per-image seeds each step,
-    calling the engine's step hooks) and return the losses."""
+    calling the engine's step hooks) and return the losses. With `view_specs` (what the method's
+    `view_specs(cfg)` gives) each batch carries augmented views as the loader's would."""
     torch.manual_seed(seed)
     method.train()
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -60,6 +77,8 @@ def train_losses(method, images: torch.Tensor, steps: int = 30, lr: float = 1e-3
     for step in range(steps):
         idx = torch.randperm(len(images), generator=g)[:batch_size]
         batch = {"image": images[idx], "seed": idx + step * len(images)}
+        if view_specs:
+            batch = with_views(batch, view_specs)
         method.begin_step(step, steps)
         loss = method(batch)["loss"]
         opt.zero_grad(set_to_none=True)

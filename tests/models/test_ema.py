@@ -104,3 +104,39 @@ def test_schedules_endpoints_and_monotone():
     assert ramp_momentum(0.9, 0.999, 0.9999, 0.125) == pytest.approx(0.9999)
     assert ramp_momentum(0.3, 0.9, 0.99, 0.0) == 0.99
     assert math.isclose(ramp_momentum(2.0, 0.9, 0.99, 0.5), 0.99)
+
+
+def test_schedules_follow_their_definitions():
+    import math
+
+    import pytest
+    from pydantic import ValidationError
+
+    from mimkit.models.ema import EMASchedule
+
+    lin = EMASchedule(kind="linear", start=0.996, end=1.0)
+    assert lin(0.0) == pytest.approx(0.996) and lin(0.5) == pytest.approx(0.998) and lin(1.0) == pytest.approx(1.0)
+    cos = EMASchedule(kind="cosine", start=0.9, end=1.0)
+    assert cos(0.5) == pytest.approx(0.95) and cos(0.25) == pytest.approx(1 - 0.1 * (math.cos(math.pi / 4) + 1) / 2)
+    staged = EMASchedule(kind="staged", start=0.99, stages=[(0.5, 0.999), (0.9, 1.0)])
+    assert [staged(p) for p in (0.0, 0.49, 0.5, 0.95)] == [0.99, 0.99, 0.999, 1.0]
+    assert EMASchedule(kind="constant", start=0.0)(0.7) == 0.0
+    ramp = EMASchedule(kind="ramp", start=0.99, end=0.999, ramp=0.5)
+    assert ramp(0.25) == pytest.approx(0.9945) and ramp(0.8) == pytest.approx(0.999)
+    with pytest.raises(ValidationError, match="sorted"):
+        EMASchedule(kind="staged", stages=[(0.9, 1.0), (0.5, 0.99)])
+    with pytest.raises(ValidationError):
+        EMASchedule(kind="cosine", start=1.5)
+
+
+def test_copy_every_step_schedule_makes_the_teacher_the_student():
+    import torch.nn as nn
+
+    from mimkit.models.ema import EMASchedule, EMATeacher
+
+    student = nn.Linear(3, 2)
+    teacher = EMATeacher(student)
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    teacher.update(student, EMASchedule(kind="constant", start=0.0)(0.3))
+    assert torch.equal(teacher.module.weight, student.weight)

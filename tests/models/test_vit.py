@@ -50,3 +50,18 @@ def test_block_at_maps_depth_fractions_to_blocks_for_any_depth():
     assert [block_at(f, 2) for f in (0.1, 0.25, 1.0)] == [0, 0, 1]  # never below the first block
     with pytest.raises(ValueError, match="fractions must be in"):
         block_at(0.0, 4)
+
+
+def test_cls_attention_scores_match_the_analysis_reading_and_the_plain_forward():
+    from mimkit.eval.analysis import attention_maps
+    from mimkit.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, in_chans=1, embed_dim=24, depth=2, num_heads=3).eval()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        out, scores = vit.forward_with_cls_attention(x)
+        assert torch.allclose(out, vit(x), atol=1e-5)
+    full = attention_maps(vit, x, layers=[1])[0]  # [B, H, T, T]
+    assert scores.shape == (3, 16)
+    assert torch.allclose(scores, full[:, :, 0, 1:].mean(1), atol=1e-5)

@@ -48,6 +48,17 @@ class PretrainData:
     std: list[float]
     report: DataReport = field(default_factory=DataReport)
 
+    def with_views(self, specs, crop_ratio=(3 / 4, 4 / 3)) -> "PretrainData":
+        """The same data whose training items carry augmented `views` (one per ViewSpec; see data.views)."""
+        from dataclasses import replace
+
+        from mimkit.data.views import MultiViewTransform
+
+        t = self.train
+        tf = MultiViewTransform(self.img_size, specs, crop_ratio, self.mean, self.std)
+        train = MIMDataset(t.source, t.indices, tf, t.on_error, t.report_dir, t.report)
+        return replace(self, train=train)
+
     def meta(self) -> dict:
         """What the checkpoint stores about the data."""
         return {"img_size": list(self.img_size), "channels": self.channels, "mean": self.mean, "std": self.std}

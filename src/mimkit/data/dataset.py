@@ -72,7 +72,9 @@ class MIMDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
         img, label = self._load(index)
-        return {"image": self.transform(img, seed), "seed": seed, "index": index, "label": int(label)}
+        out = self.transform(img, seed)
+        item = out if isinstance(out, dict) else {"image": out}  # a MultiViewTransform gives image + views
+        return {**item, "seed": seed, "index": index, "label": int(label)}
 
     def __repr__(self) -> str:
         return f"MIMDataset({self.source!r}, n={len(self)}, transform={type(self.transform).__name__})"

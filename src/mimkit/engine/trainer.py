@@ -300,6 +300,11 @@ class _Loop:
 
             with fabric.rank_zero_first():
                 self.data = build_pretrain_data(cfg.data, report_dir=run_dir)
+        from mimkit.methods import method_class
+
+        specs = method_class(cfg.method.name).view_specs(cfg.method)
+        if specs:  # methods that compare augmented views get them from the loader
+            self.data = self.data.with_views(specs, cfg.data.crop_ratio)
         data = self.data
         self.resolved = _resolved_config(cfg, run_dir, data)
         n_train = len(data.train)

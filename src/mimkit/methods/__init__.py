@@ -21,6 +21,14 @@ METHODS: dict[str, str] = {
     "a2mim": "mimkit.methods.a2mim:A2MIM",
     "selective_mae": "mimkit.methods.selective_mae:SelectiveMAE",
     "hi_end_mae": "mimkit.methods.hi_end_mae:HiEndMAE",
+    "ibot": "mimkit.methods.ibot:IBOT",
+    "attmask": "mimkit.methods.attmask:AttMask",
+    "cae": "mimkit.methods.cae:CAE",
+    "latent_mim": "mimkit.methods.latent_mim:LatentMIM",
+    "lut": "mimkit.methods.lut:LUT",
+    "ijepa": "mimkit.methods.ijepa:IJEPA",
+    "stop": "mimkit.methods.stop:StoP",
+    "njepa": "mimkit.methods.njepa:NJEPA",
 }
 
 

@@ -61,6 +61,12 @@ class Method(nn.Module):
         (DMJD: pred_ratio / mask_ratio); `cfg` is the PretrainConfig. An explicit optim.lr is used unscaled."""
         return 1.0
 
+    @classmethod
+    def view_specs(cls, cfg) -> list | None:
+        """Augmented views the method compares (a list of data.views.ViewSpec, from its MethodSection `cfg`);
+        the trainer then adds batch["views"]. None (the default): one view, batch["image"]."""
+        return None
+
     def begin_step(self, step: int, total_steps: int) -> None:
         self.progress = step / max(1, total_steps)
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Student = nn.Module | Mapping[str, nn.Module]
 
@@ -88,3 +90,67 @@ def ramp_momentum(progress: float, start: float, end: float, ramp: float) -> flo
         return end
     t = min(_clip(progress) / ramp, 1.0)
     return start + (end - start) * t
+
+
+def linear_momentum(progress: float, start: float, end: float = 1.0) -> float:
+    """I-JEPA / StoP: start -> end linearly over the whole run."""
+    return start + (end - start) * _clip(progress)
+
+
+def staged_momentum(progress: float, stages: list[tuple[float, float]], start: float) -> float:
+    """Piecewise constant: `start` until the first stage's fraction, then each stage's momentum from its
+    fraction on (stages sorted by fraction), e.g. [(0.5, 0.999)] switches to 0.999 halfway through."""
+    value = start
+    for at, momentum in stages:
+        if _clip(progress) >= at:
+            value = momentum
+    return value
+
+
+class EMASchedule(BaseModel):
+    """A teacher's momentum as a function of training progress (step / total steps, so a resumed run sees the
+    same values and a schedule written for 800 epochs means the same at 20).
+
+    kind:
+      cosine   start -> end along a half cosine (DINO, iBOT, LUT, LatentMIM)
+      linear   start -> end linearly (I-JEPA, StoP)
+      ramp     start -> end linearly over the first `ramp` share, then end (HPM)
+      staged   start, then each (fraction, momentum) of `stages` from its fraction on
+      constant start throughout; start = 0 copies the student every step (CAE's alignment encoder)
+    Used as a field of a method's config: `method.teacher.kind=linear method.teacher.start=0.996`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["cosine", "linear", "ramp", "staged", "constant"] = "cosine"
+    start: float = Field(0.996, ge=0.0, le=1.0, description="momentum at step 0")
+    end: float = Field(1.0, ge=0.0, le=1.0, description="momentum at the end (cosine, linear, ramp)")
+    ramp: float = Field(0.125, ge=0.0, le=1.0, description="share of training the `ramp` kind takes")
+    stages: list[tuple[float, float]] = Field(
+        default_factory=list, description="staged: (fraction of training, momentum) pairs, e.g. [[0.5, 0.999]]")
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> "EMASchedule":
+        for at, m in self.stages:
+            if not (0.0 <= at <= 1.0 and 0.0 <= m <= 1.0):
+                raise ValueError(f"stages: fraction and momentum must be in [0, 1], got ({at}, {m})")
+        if [a for a, _ in self.stages] != sorted(a for a, _ in self.stages):
+            raise ValueError("stages must be sorted by fraction")
+        return self
+
+    def __call__(self, progress: float) -> float:
+        if self.kind == "cosine":
+            return cosine_momentum(progress, self.start, self.end)
+        if self.kind == "linear":
+            return linear_momentum(progress, self.start, self.end)
+        if self.kind == "ramp":
+            return ramp_momentum(progress, self.start, self.end, self.ramp)
+        if self.kind == "staged":
+            return staged_momentum(progress, [tuple(s) for s in self.stages], self.start)
+        return self.start
+
+
+def schedule_field(kind: str = "cosine", start: float = 0.996, end: float = 1.0, **kw):
+    """A pydantic Field holding an EMASchedule with these defaults (one per method config)."""
+    return Field(default_factory=lambda: EMASchedule(kind=kind, start=start, end=end, **kw),
+                 description=f"teacher momentum schedule (default {kind} {start} -> {end})")

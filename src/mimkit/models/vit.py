@@ -209,6 +209,34 @@ class VisionTransformer(nn.Module):
         return [out[i] for i in idx]
 
 
+    def forward_with_cls_attention(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` plus the score AttMask-style masking reads: the last block's class-token attention to each
+        patch token, averaged over heads, [B, T] (rows sum to 1 minus the class token's self-attention)."""
+        tokens = self.embed(images)
+        if ids_keep is not None:
+            tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        x = self._with_cls(tokens)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1]
+        scores = cls_attention_row(last.attn, last.norm1(x))[:, 1:]
+        return self.norm(last(x)), scores
+
+
+def cls_attention_row(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Class-token (row 0) attention of a timm Attention module over its input x [B, T, D], mean over heads:
+    [B, T] in float32. Only the class token's query is formed; keys are all tokens."""
+    b, t, d = x.shape
+    heads = attn.num_heads
+    head_dim = d // heads
+    qkv = attn.qkv(x).reshape(b, t, 3, heads, head_dim)
+    q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))   # [B, H, 1, hd]
+    k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))    # [B, H, T, hd]
+    logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
+    return logits.softmax(-1).mean(1).squeeze(1)
+
+
 def block_at(fraction: float, depth: int) -> int:
     """0-based index of the block at `fraction` of the depth: 1-based block round-half-up(f * depth), clamped to
     [1, depth] (ViT-12: 0.25 -> block 3, 0.75 -> block 9). Layer knobs are fractions so recipes fit any depth."""
