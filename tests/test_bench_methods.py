@@ -188,6 +188,39 @@ def test_tiny_end_to_end(bench, tmp_path):
     assert (tmp_path / "figures" / "methods_loss.svg").is_file()
     assert not any((tmp_path / "runs").iterdir())   # finished runs are removed unless --keep-runs
 
+    # a variant row merged into the same table: the earlier rows and the random-init row are kept
+    js2 = tmp_path / "merged.json"
+    code = bench.main([
+        "--methods", "mae[mask_ratio=0.5]", "--budget-s", "1", "--threads", "1", "--batch-size", "16",
+        "--eval-train", "120", "--eval-test", "60", "--attentive-train", "60", "--calibration-steps", "1",
+        "--calibration-warmup", "1", "--min-steps", "3",
+        "--set", "model.depth=1", "--set", "model.decoder_depth=1", "--set", "data.limit=128",
+        "--set", "data.val_fraction=0.002", "--set", "data.stats_samples=64",
+        "--out", str(out), "--json", str(js2), "--merge", str(js), "--work-dir", str(tmp_path / "runs"),
+    ])
+    merged = json.loads(js2.read_text())
+    assert merged["order"] == ["mae", "no_such_method", "mae[mask_ratio=0.5]", "random init"]
+    assert merged["rows"]["mae"]["knn"] == mae["knn"]
+    assert merged["rows"]["random init"] == res["rows"]["random init"]
+    variant = merged["rows"]["mae[mask_ratio=0.5]"]
+    assert variant.get("error") is None and variant["overrides"] == ["method.mask_ratio=0.5"]
+    assert len(merged["setup"]["commands"]) == 2 and "| mae[mask_ratio=0.5] |" in out.read_text()
+    with pytest.raises(SystemExit, match="budget_s"):
+        bench.main(["--methods", "mae", "--budget-s", "2", "--threads", "1", "--batch-size", "16",
+                    "--eval-train", "120", "--eval-test", "60", "--attentive-train", "60",
+                    "--calibration-steps", "1", "--calibration-warmup", "1", "--min-steps", "3",
+                    "--set", "model.depth=1", "--set", "model.decoder_depth=1", "--set", "data.limit=128",
+                    "--set", "data.val_fraction=0.002", "--set", "data.stats_samples=64",
+                    "--out", str(out), "--merge", str(js2), "--work-dir", str(tmp_path / "runs")])
+
+
+def test_split_variant(bench):
+    assert bench.split_variant("ibot") == ("ibot", [])
+    assert bench.split_variant("attmask[variant=low; mask_prob=1]") == (
+        "attmask", ["method.variant=low", "method.mask_prob=1"])
+    with pytest.raises(ValueError):
+        bench.split_variant("ibot[x=1")
+
 
 def test_claim_of_a_failed_method_is_not_run(bench):
     c = bench.check_claim("hpm", [], {"error": "ImportError: x", "stage": "config"}, {})
