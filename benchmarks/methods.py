@@ -155,20 +155,50 @@ def _probe_se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 1e-6) / max(1, n))
 
 
-def check_dmjd(history, row=None, rows=None):
-    mae = (rows or {}).get("mae") or {}
-    a, b = (row or {}).get("linear"), mae.get("linear")
+def compare_probe(row: dict | None, other: dict | None, key: str, name: str, other_name: str,
+                  want: str = "above") -> tuple[str, str]:
+    """Is `row`'s probe `key` above (or, want="differs", different from) `other`'s by more than two standard
+    errors of the difference? Within them: inconclusive."""
+    a, b = (row or {}).get(key), (other or {}).get(key)
     if a is None or b is None:
-        return "n/a", "needs both DMJD's and MAE's linear probe"
-    n = int((row or {}).get("eval_test") or mae.get("eval_test") or 1)
+        return "n/a", f"needs both {name}'s and {other_name}'s {key} probe"
+    n = int((row or {}).get("eval_test") or (other or {}).get("eval_test") or 1)
     se = math.sqrt(_probe_se(a, n) ** 2 + _probe_se(b, n) ** 2)
     diff = a - b
     if abs(diff) < 2 * se:
         status = "inconclusive"
+    elif want == "differs":
+        status = "held"
     else:
         status = "held" if diff > 0 else "did not hold"
-    return status, (f"linear probe {100 * a:.2f}% vs MAE {100 * b:.2f}% ({100 * diff:+.2f} points; two standard "
+    return status, (f"{key} {100 * a:.2f}% vs {other_name} {100 * b:.2f}% ({100 * diff:+.2f} points; two standard "
                     f"errors of the difference on {n} test images: {200 * se:.2f})")
+
+
+def check_dmjd(history, row=None, rows=None):
+    return compare_probe(row, (rows or {}).get("mae"), "linear", "DMJD", "MAE")
+
+
+def _against(other: str, key: str, want: str = "above"):
+    def check(history, row=None, rows=None):
+        return compare_probe(row, (rows or {}).get(other), key, (row or {}).get("method", "this"), other, want)
+    return check
+
+
+def check_attmask(history, row=None, rows=None):
+    rows = rows or {}
+    variants = {"high": rows.get("attmask"), "hint": rows.get("attmask[variant=hint]"),
+                "low": rows.get("attmask[variant=low]")}
+    have = {k: r["knn"] for k, r in variants.items() if r and r.get("knn") is not None}
+    if len(have) < 3:
+        return "n/a", "needs the attmask (high), attmask[variant=hint] and attmask[variant=low] rows"
+    n = int((row or {}).get("eval_test") or 1)
+    best_other = max(have["high"], have["hint"])
+    se = math.sqrt(2) * _probe_se(best_other, n)
+    text = ", ".join(f"{k} {100 * v:.2f}%" for k, v in have.items()) + f" (kNN; 2 SE of a difference {200 * se:.2f})"
+    if have["low"] < min(have["high"], have["hint"]):
+        return ("held" if best_other - have["low"] > 2 * se else "inconclusive"), text
+    return "did not hold", text
 
 
 CLAIMS = {
@@ -180,6 +210,23 @@ CLAIMS = {
             "fuse_shallow (weight on layers other than the deepest) ends above its step-1 value", check_mff),
     "dmjd": ("two disjoint masked views beat MAE at equal wall-clock",
              "linear probe above MAE's by more than two standard errors (inconclusive within them)", check_dmjd),
+    "ibot": ("masked-patch distillation adds to DINO-style class-token distillation",
+             "kNN above the ibot[mim_weight=0] row (no MIM term) by more than two standard errors",
+             _against("ibot[mim_weight=0]", "knn")),
+    "attmask": ("masking the least-attended patches (Low) is the worst AttMask variant",
+                "kNN of attmask[variant=low] below both High (the attmask row) and Hint; held if by more than two "
+                "standard errors", check_attmask),
+    "cae": ("the alignment loss matters",
+            "linear probe of cae differs from the cae[align_weight=0] row by more than two standard errors",
+            _against("cae[align_weight=0]", "linear", "differs")),
+    "latent_mim": ("latent reconstruction beats MAE's pixels on the linear probe at equal budget",
+                   "linear probe above MAE's by more than two standard errors", _against("mae", "linear")),
+    "lut": ("the unmasked-token objective improves on MAE",
+            "linear probe above MAE's by more than two standard errors", _against("mae", "linear")),
+    "stop": ("stochastic positions improve I-JEPA's linear probe",
+             "linear probe above the ijepa row by more than two standard errors", _against("ijepa", "linear")),
+    "njepa": ("diffusion-noised positions improve I-JEPA's linear probe",
+              "linear probe above the ijepa row by more than two standard errors", _against("ijepa", "linear")),
 }
 
 # why a method has no claim checked here (the card's small-scale checks need more than this budget)

@@ -225,3 +225,18 @@ def test_split_variant(bench):
 def test_claim_of_a_failed_method_is_not_run(bench):
     c = bench.check_claim("hpm", [], {"error": "ImportError: x", "stage": "config"}, {})
     assert c["status"] == "not run" and "config" in c["evidence"]
+
+
+def test_variant_claims(bench):
+    rows = {"attmask": {"knn": 0.70, "eval_test": 2000}, "attmask[variant=hint]": {"knn": 0.71},
+            "attmask[variant=low]": {"knn": 0.60}}
+    assert bench.check_claim("attmask", [{"loss": 1}], rows["attmask"], rows)["status"] == "held"
+    rows["attmask[variant=low]"]["knn"] = 0.695
+    assert bench.check_claim("attmask", [{"loss": 1}], rows["attmask"], rows)["status"] == "inconclusive"
+    rows["attmask[variant=low]"]["knn"] = 0.75
+    assert bench.check_claim("attmask", [{"loss": 1}], rows["attmask"], rows)["status"] == "did not hold"
+    cae = {"method": "cae", "linear": 0.60, "eval_test": 2000}
+    assert bench.check_claim("cae", [{"loss": 1}], cae, {"cae[align_weight=0]": {"linear": 0.70}})["status"] == "held"
+    assert bench.check_claim("stop", [{"loss": 1}], {"linear": 0.60, "eval_test": 2000},
+                             {"ijepa": {"linear": 0.70}})["status"] == "did not hold"
+    assert bench.check_claim("ibot[mim_weight=0]", [{"loss": 1}], {}, {})["status"] == "n/a"
