@@ -1,0 +1,130 @@
+"""A frozen teacher as configuration: features of any ViT (a mimkit run, timm, Hugging Face) as prediction targets.
+
+MaskAlign, BEiT v2's VQ-KD, DTM, Hybrid Distillation and the MIM-from-CLIP family read features of a frozen,
+usually bigger, model. `method.teacher.source=<spec>` names it (any spec `mimkit.eval.encoders.load_encoder`
+takes: a mimkit checkpoint or run folder, `timm:<name>` / `timm:local-dir:<folder>`, `hf:<folder>`), with
+`layers` to read and a per-token `norm`. The teacher sees the same images as the student, converted:
+
+1. from the data's normalisation to the teacher's (its own mean/std; grey images repeat to RGB in the adapter);
+2. resized to the teacher's input size when it differs (bicubic);
+3. its patch-token maps resampled to the student's patch grid (bilinear) when the grids differ, so target i
+   belongs to student patch i whatever the two patch sizes.
+
+The teacher is frozen (no gradients, eval mode, excluded from the optimizer and from the method's state_dict:
+its weights come from `source`, so a checkpoint of a distillation run stays the student's size). Widths that
+differ are the student's business (a learnable projection on the student side, as the papers do).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TeacherConfig(BaseModel):
+    """Settings of a frozen teacher (a field of a distillation method's config: `method.teacher.source=...`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(..., description="mimkit checkpoint/run folder, timm:<name>, timm:local-dir:<folder> or "
+                                         "hf:<folder> (weights must be available locally)")
+    layers: list[int] = Field([-1], description="0-based blocks to read (negative: from the end)")
+    norm: Literal["none", "layernorm", "standardize"] = Field(
+        "layernorm", description="per-token LayerNorm without affine (I-JEPA, MaskAlign, data2vec), per-dimension "
+                                 "standardisation over the batch's tokens, or none")
+    drop_cls: bool = Field(False, description="return the patch tokens only")
+
+
+class FrozenTeacher(nn.Module):
+    """features(images) -> one tensor [B, 1 + N, D_t] per layer, on the student's N patches (class token first)."""
+
+    def __init__(self, loaded, student_grid: tuple[int, int], data_mean, data_std, layers=(-1,),
+                 norm: str = "layernorm", drop_cls: bool = False):
+        super().__init__()
+        # kept out of the module tree on purpose: no parameters for the optimizer, nothing in the state_dict
+        object.__setattr__(self, "_encoder", loaded.encoder.eval().requires_grad_(False))
+        self.img_size = tuple(loaded.img_size)
+        self.student_grid = tuple(int(v) for v in student_grid)
+        self.layers, self.norm, self.drop_cls = list(layers), norm, drop_cls
+        self.depth, self.embed_dim = int(loaded.encoder.depth), int(loaded.encoder.embed_dim)
+        self._encoder._layer_ids(self.layers)  # out-of-range layers fail here, naming the layers
+        t_mean = torch.tensor(loaded.mean, dtype=torch.float32)
+        t_std = torch.tensor(loaded.std, dtype=torch.float32)
+        d_mean = torch.as_tensor(list(data_mean), dtype=torch.float32)
+        d_std = torch.as_tensor(list(data_std), dtype=torch.float32)
+        if len(t_mean) != len(d_mean):
+            if len(d_mean) != 1:
+                raise ValueError(f"the images have {len(d_mean)} channels but the teacher takes {len(t_mean)}")
+            t_mean, t_std = t_mean.mean(0, keepdim=True), t_std.mean(0, keepdim=True)  # repeated grey channel
+        # x_teacher = (x * d_std + d_mean - t_mean) / t_std = x * scale + shift
+        self.register_buffer("scale", (d_std / t_std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", ((d_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: TeacherConfig, student_grid, data_mean, data_std) -> "FrozenTeacher":
+        from mimkit.eval.encoders import load_encoder
+
+        return cls(load_encoder(cfg.source), student_grid, data_mean, data_std, cfg.layers, cfg.norm, cfg.drop_cls)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self._encoder
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) / .half() reach the hidden encoder too
+        super()._apply(fn, *args, **kwargs)
+        self._encoder._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        self.training = mode
+        self._encoder.eval()
+        return self
+
+    def teacher_grid(self) -> tuple[int, int]:
+        model = getattr(self._encoder, "model", self._encoder)
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        if grid is None and hasattr(model, "grid"):
+            grid = model.grid.shape
+        if grid is None:  # transformers ViT
+            conf = model.config
+            grid = (conf.image_size // conf.patch_size,) * 2 if isinstance(conf.image_size, int) else \
+                tuple(s // conf.patch_size for s in conf.image_size)
+        return int(grid[0]), int(grid[1])
+
+    def _to_student_grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        gh, gw = self.teacher_grid()
+        sh, sw = self.student_grid
+        cls, patches = tokens[:, :1], tokens[:, 1:]
+        if patches.shape[1] != gh * gw:
+            raise ValueError(f"teacher gave {patches.shape[1]} patch tokens for a {gh}x{gw} grid")
+        if (gh, gw) != (sh, sw):
+            b, _, d = patches.shape
+            maps = patches.transpose(1, 2).reshape(b, d, gh, gw).float()
+            maps = F.interpolate(maps, size=(sh, sw), mode="bilinear", align_corners=False)
+            patches = maps.flatten(2).transpose(1, 2).to(tokens.dtype)
+        return torch.cat([cls, patches], dim=1)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm == "layernorm":
+            return F.layer_norm(x.float(), x.shape[-1:])
+        if self.norm == "standardize":
+            flat = x.float().reshape(-1, x.shape[-1])
+            return (x.float() - flat.mean(0)) / (flat.var(0, unbiased=False) + 1e-6).sqrt()
+        return x.float()
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = images.float() * self.scale + self.shift
+        if tuple(x.shape[-2:]) != self.img_size:
+            x = F.interpolate(x, size=self.img_size, mode="bicubic", align_corners=False)
+        outs = self._encoder.forward_layers(x, self.layers)
+        outs = [self._normalise(self._to_student_grid(o)) for o in outs]
+        return [o[:, 1:] for o in outs] if self.drop_cls else outs
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.features(images)
