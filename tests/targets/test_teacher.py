@@ -98,3 +98,15 @@ def test_a_timm_teacher_with_another_patch_size():
     out = t(torch.randn(2, 3, 32, 32))[0]
     assert out.shape == (2, 65, 192) and torch.isfinite(out).all()
     assert torch.allclose(out.mean(-1), torch.zeros(2, 65), atol=1e-4)  # layer-normed tokens
+
+
+def test_cached_teacher_serves_the_same_features_without_running(tmp_path, monkeypatch):
+    vit = _vit()
+    cfg = TeacherConfig(source="unused", cache_dir=str(tmp_path))
+    t = FrozenTeacher(_loaded(vit, [0.5] * 3, [0.2] * 3), (4, 4), [0.5] * 3, [0.2] * 3)
+    t.use_cache(cfg)
+    x, seeds = torch.randn(3, 3, 16, 16), torch.tensor([5, 6, 7])
+    first = t(x, seeds)[0]
+    monkeypatch.setattr(t, "_compute", lambda images: (_ for _ in ()).throw(AssertionError("teacher ran")))
+    assert torch.equal(t(x, seeds)[0], first)
+    assert t.cache.hits == 1 and len(list(tmp_path.iterdir())) == 1   # one folder per teacher setting

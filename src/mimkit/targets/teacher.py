@@ -17,6 +17,7 @@ differ are the student's business (a learnable projection on the student side, a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -37,6 +38,9 @@ class TeacherConfig(BaseModel):
         "layernorm", description="per-token LayerNorm without affine (I-JEPA, MaskAlign, data2vec), per-dimension "
                                  "standardisation over the batch's tokens, or none")
     drop_cls: bool = Field(False, description="return the patch tokens only")
+    cache_dir: str | None = Field(None, description="cache the teacher's features here, keyed by sample seed and "
+                                                    "checked against the image (targets.teacher_cache)")
+    cache_max_gb: float = Field(2.0, gt=0, description="stop adding to the cache beyond this size")
 
 
 class FrozenTeacher(nn.Module):
@@ -68,7 +72,27 @@ class FrozenTeacher(nn.Module):
     def from_config(cls, cfg: TeacherConfig, student_grid, data_mean, data_std) -> "FrozenTeacher":
         from mimkit.eval.encoders import load_encoder
 
-        return cls(load_encoder(cfg.source), student_grid, data_mean, data_std, cfg.layers, cfg.norm, cfg.drop_cls)
+        teacher = cls(load_encoder(cfg.source), student_grid, data_mean, data_std, cfg.layers, cfg.norm, cfg.drop_cls)
+        if cfg.cache_dir:
+            teacher.use_cache(cfg)
+        return teacher
+
+    def use_cache(self, cfg: TeacherConfig, rank: int | None = None) -> None:
+        """Cache features under cache_dir/<hash of everything that shapes them>, one writer per rank."""
+        import hashlib
+        import json
+
+        import torch.distributed as dist
+
+        from mimkit.targets.teacher_cache import TeacherCache
+
+        what = {"source": str(Path(cfg.source).expanduser().resolve()) if Path(cfg.source).exists() else cfg.source,
+                "layers": cfg.layers, "norm": cfg.norm, "drop_cls": cfg.drop_cls, "grid": self.student_grid,
+                "scale": self.scale.flatten().tolist(), "shift": self.shift.flatten().tolist()}
+        key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.cache = TeacherCache(Path(cfg.cache_dir) / key, int(cfg.cache_max_gb * (1 << 30)), rank)
 
     @property
     def encoder(self) -> nn.Module:
@@ -117,8 +141,16 @@ class FrozenTeacher(nn.Module):
             return (x.float() - flat.mean(0)) / (flat.var(0, unbiased=False) + 1e-6).sqrt()
         return x.float()
 
+    cache = None
+
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def features(self, images: torch.Tensor, seeds: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Features of `images`; with `seeds` (the batch's sample seeds) and a cache, read from disk when there."""
+        if self.cache is not None and seeds is not None:
+            return self.cache.get(images, seeds, self._compute)
+        return self._compute(images)
+
+    def _compute(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = images.float() * self.scale + self.shift
         if tuple(x.shape[-2:]) != self.img_size:
             x = F.interpolate(x, size=self.img_size, mode="bicubic", align_corners=False)
@@ -126,5 +158,5 @@ class FrozenTeacher(nn.Module):
         outs = [self._normalise(self._to_student_grid(o)) for o in outs]
         return [o[:, 1:] for o in outs] if self.drop_cls else outs
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.features(images)
+    def forward(self, images: torch.Tensor, seeds: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return self.features(images, seeds)
