@@ -30,10 +30,26 @@ DepthFraction = Annotated[float, Field(gt=0.0, le=1.0)]  # a layer as a share of
 
 
 class DataConfig(Section):
-    source: Literal["fashion_mnist", "folder", "imagefolder", "torchvision", "shards"] = "fashion_mnist"
+    source: Literal["fashion_mnist", "folder", "imagefolder", "torchvision", "shards", "hf"] = "fashion_mnist"
     path: str | None = Field(None, description="folder root (folder, imagefolder), download root (torchvision), "
-                             "or the folder of WebDataset-style .tar shards written by `mimkit data shard` (shards)")
-    name: str | None = Field(None, description="torchvision dataset class name, e.g. CIFAR10")
+                             "the folder of WebDataset-style .tar shards written by `mimkit data shard` (shards), "
+                             "or (hf) a folder written by datasets' save_to_disk, or of data files (parquet, images)")
+    name: str | None = Field(None, description="torchvision dataset class name, e.g. CIFAR10; for source=hf a "
+                             "Hugging Face dataset (e.g. cifar10) or a packaged builder over data.path (parquet, "
+                             "imagefolder)")
+    hf_config: str | None = Field(None, description="hf: the dataset's configuration (subset) name")
+    hf_split: str = Field("train", min_length=1, description="hf: the split pretraining uses")
+    hf_test_split: str | None = Field(None, description="hf: the split kNN evaluation queries; unset: the held-out "
+                                      "data.val_fraction of hf_split, as for folders")
+    hf_image_key: str | None = Field(None, description="hf: the image column (default: the first Image column, "
+                                     "else image/img)")
+    hf_label_key: str | None = Field(None, description="hf: the label column (default: label, if present)")
+    hf_streaming: bool = Field(False, description="hf: read the split as a stream (IterableDataset), each rank "
+                               "its own part, instead of by random access")
+    hf_split_by: Literal["examples", "shards"] = Field(
+        "examples", description="hf streaming: deal examples round robin to the ranks (every rank reads the "
+        "stream) or whole shards (each rank reads only its files; shards must be of equal size)")
+    hf_shuffle_buffer: int = Field(1000, ge=0, description="hf streaming: shuffle buffer size (0: stream order)")
     download: bool = False
     img_size: ImageSize = 28
     channels: int | None = Field(None, ge=1, description="input channels; inferred from the data when unset")
@@ -82,6 +98,14 @@ class DataConfig(Section):
     def _source_args(self) -> "DataConfig":
         if self.source in ("folder", "imagefolder", "shards") and not self.path:
             raise ValueError(f"data.path is required for source={self.source!r}")
+        if self.source == "hf" and not (self.name or self.path):
+            raise ValueError("source='hf' needs data.name (a Hugging Face dataset, or a builder such as parquet) "
+                             "or data.path (a folder written by save_to_disk, or of data files)")
+        if self.source != "hf":
+            set_hf = [k for k in ("hf_config", "hf_test_split", "hf_image_key", "hf_label_key")
+                      if getattr(self, k) is not None] + (["hf_streaming"] if self.hf_streaming else [])
+            if set_hf:
+                raise ValueError(f"data.{set_hf[0]} applies to source='hf' only (source is {self.source!r})")
         if self.source == "torchvision" and not self.name:
             raise ValueError("data.name (e.g. CIFAR10) is required for source='torchvision'")
         if (self.mean is None) != (self.std is None):

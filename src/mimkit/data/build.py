@@ -56,6 +56,8 @@ class PretrainData:
 
         t = self.train
         tf = MultiViewTransform(self.img_size, specs, crop_ratio, self.mean, self.std)
+        if getattr(t, "streaming", False):  # data.hf_streaming: mimkit.data.hf.StreamingMIMDataset
+            return replace(self, train=t.with_transform(tf))
         train = MIMDataset(t.source, t.indices, tf, t.on_error, t.report_dir, t.report)
         return replace(self, train=train)
 
@@ -86,6 +88,13 @@ def make_source(cfg: DataConfig, split: str, report: DataReport):
         return scan_imagefolder(cfg.path, cfg.channels, cfg.on_error, report)
     if cfg.source == "shards":
         return ShardSource(cfg.path, cfg.channels, report)
+    if cfg.source == "hf":
+        from mimkit.data.hf import make_hf_source
+
+        src = make_hf_source(cfg, split)
+        report.scanned += len(src)
+        report.usable += len(src)
+        return src
     if cfg.source == "torchvision":
         src = TorchvisionSource(cfg.name, cfg.path, cfg.download, split, cfg.channels)
         report.scanned += len(src)
@@ -165,6 +174,15 @@ def build_pretrain_data(cfg: DataConfig, report_dir: str | Path | None = None) -
     size = img_size_of(cfg)
     report_dir = str(report_dir) if report_dir is not None else None
     report = DataReport(report_dir=report_dir)
+    if cfg.source == "hf" and cfg.hf_streaming:
+        from mimkit.data.hf import build_streaming_data
+
+        train, val, channels, mean, std = build_streaming_data(
+            cfg, report_dir, report, size,
+            lambda m, s: TrainTransform(size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, m, s),
+            lambda m, s: EvalTransform(size, m, s), _check_norm, compute_stats)
+        return PretrainData(train=train, val=val, channels=channels, img_size=size, mean=mean, std=std,
+                            report=report)
     source = make_source(cfg, "train", report)
     channels = int(source.channels)
     train_idx, val_idx = split_indices(len(source), cfg.val_fraction, cfg.split_seed, cfg.limit)
@@ -195,7 +213,9 @@ def build_labelled(cfg: DataConfig, split: str, mean, std) -> MIMDataset:
     if cfg.source == "shards" and not source.labelled:
         raise DataError(f"the shards in {cfg.path} hold no labels (<key>.cls members); write them from a folder "
                         "with class sub-folders")
-    if cfg.source in ("folder", "imagefolder", "shards"):
+    if cfg.source == "hf" and not source.labelled:
+        raise DataError(f"{source.where} has no label column (data.hf_label_key); kNN evaluation needs labels")
+    if cfg.source in ("folder", "imagefolder", "shards") or (cfg.source == "hf" and cfg.hf_test_split is None):
         if split == "test" and cfg.val_fraction == 0:
             raise DataError(f"data.val_fraction is 0, so source={cfg.source!r} has no held-out images for the "
                             "'test' split; set data.val_fraction > 0")

@@ -90,26 +90,104 @@ def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_WORLD_SIZE" in os.environ and "RANK" in os.environ)
 
 
+def _under_srun() -> bool:
+    """Started as one of the tasks of `srun` (Lightning's SLURMEnvironment: SLURM_NTASKS set, not an interactive
+    job named bash/interactive)."""
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
+def _slurm_count(name: str) -> int:
+    value = os.environ.get(name, "1")  # SLURM_NTASKS_PER_NODE may read "4(x2)"
+    digits = value.split("(")[0].split(",")[0]
+    return int(digits) if digits.isdigit() else 1
+
+
 def make_fabric(tc):
-    """A Fabric for the trainer section. Under torchrun, devices/num_nodes follow the launcher's world."""
+    """A Fabric for the trainer section. Under torchrun or srun, devices/num_nodes follow the launcher's world
+    (LOCAL_WORLD_SIZE/WORLD_SIZE; SLURM_NTASKS_PER_NODE/SLURM_NNODES), and strategy auto becomes ddp."""
     from lightning.fabric import Fabric
 
     devices, num_nodes, strategy = tc.devices, tc.num_nodes, tc.strategy
+    launched = _under_torchrun() or _under_srun()
     if _under_torchrun():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         world = int(os.environ.get("WORLD_SIZE", local))
         devices, num_nodes = local, max(1, world // local)
+    elif _under_srun():
+        devices, num_nodes = _slurm_count("SLURM_NTASKS_PER_NODE"), _slurm_count("SLURM_NNODES")
+        world = int(os.environ.get("SLURM_NTASKS", devices * num_nodes))
+    if launched:
         if strategy == "auto" and world > 1:
             strategy = "ddp"
         if strategy == "ddp_spawn":
-            strategy = "ddp"  # torchrun already started the processes
+            strategy = "ddp"  # the launcher already started the processes
     if strategy == "fsdp":
-        from lightning.fabric.strategies import FSDPStrategy
-        from timm.models.vision_transformer import Block
-
-        strategy = FSDPStrategy(state_dict_type="full", auto_wrap_policy={Block}, use_orig_params=True)
+        strategy = _fsdp_strategy(tc.accelerator)
     return Fabric(accelerator=tc.accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                   precision=tc.precision)
+
+
+def _fsdp_strategy(accelerator: str):
+    """Lightning's FSDPStrategy: transformer blocks wrapped one by one, full (unsharded) state dicts in
+    checkpoints, so an FSDP checkpoint has the same format as a DDP or single-process one.
+
+    On a CPU (trainer.accelerator=cpu, or auto without a GPU) Lightning's connector refuses FSDP ("only available
+    on GPU") although torch's FullyShardedDataParallel runs on CPU tensors with the gloo backend; the refusal
+    tests for the exact class FSDPStrategy, so on CPU a subclass that changes nothing else is used. That is what
+    the two-process CPU tests (tests/engine/test_engine_fsdp.py) exercise."""
+    from lightning.fabric.strategies import FSDPStrategy
+    from timm.models.vision_transformer import Block
+
+    kwargs = dict(state_dict_type="full", auto_wrap_policy={Block}, use_orig_params=True)
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if not on_cpu:
+        return FSDPStrategy(**kwargs)
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        """FSDPStrategy on CPU processes (gloo). torch's FSDP also needs ``device_id=cpu`` said explicitly (without
+        it, it looks for an accelerator and fails); Lightning passes the device index, None on a CPU."""
+
+        def setup_module(self, module):
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return FullyShardedDataParallel(
+                module=module, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self._fsdp_kwargs)
+
+        # Lightning gathers full state dicts with offload_to_cpu=True. For tensors already on the CPU, torch's
+        # FSDP then skips the copy it makes otherwise (`.cpu()` returns the same view), and the optimizer state
+        # gather reuses one buffer for every state: the saved AdamW exp_avg silently became exp_avg_sq (seen in
+        # torch 2.14). Gathering without the offload makes FSDP clone each state, which is what we want on CPU.
+        def save_checkpoint(self, *args, **kwargs):
+            with _full_state_dicts_without_offload():
+                return super().save_checkpoint(*args, **kwargs)
+
+        def load_checkpoint(self, *args, **kwargs):
+            with _full_state_dicts_without_offload():
+                return super().load_checkpoint(*args, **kwargs)
+
+    return CPUFSDPStrategy(**kwargs)
+
+
+@contextlib.contextmanager
+def _full_state_dicts_without_offload():
+    """Within: Lightning's FSDP full-state-dict context asks torch for cloned (not CPU-offloaded) tensors."""
+    from unittest import mock
+
+    import lightning.fabric.strategies.fsdp as lf_fsdp
+
+    def context(module, world_size: int, rank0_only: bool = True):
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.api import FullOptimStateDictConfig
+
+        return FSDP.state_dict_type(
+            module=module, state_dict_type=StateDictType.FULL_STATE_DICT,
+            state_dict_config=FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+            optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
+
+    with mock.patch.object(lf_fsdp, "_get_full_state_dict_context", context):
+        yield
 
 
 def default_run_prefix(cfg: PretrainConfig) -> str:
@@ -118,6 +196,8 @@ def default_run_prefix(cfg: PretrainConfig) -> str:
         dataset = d.name.lower()
     elif d.source in ("folder", "imagefolder", "shards") and d.path:
         dataset = Path(d.path).name or d.source
+    elif d.source == "hf":
+        dataset = (d.name or Path(d.path or "hf").name or "hf").replace("/", "_").lower()
     else:
         dataset = d.source.replace("_", "")
     return f"{cfg.method.name}-{cfg.model.encoder}-{dataset}-"
@@ -238,7 +318,9 @@ class _Loop:
         self.resume, self.data, self.method = resume, data, method
         self.rank0 = fabric.is_global_zero
         self.world = fabric.world_size
-        self.is_fsdp = type(fabric.strategy).__name__ == "FSDPStrategy"
+        from lightning.fabric.strategies import FSDPStrategy
+
+        self.is_fsdp = isinstance(fabric.strategy, FSDPStrategy)
         self.history: list[dict] = []
         self.last_metrics: dict = {}
         self.bar = None
@@ -405,13 +487,22 @@ class _Loop:
         nw = cfg.data.num_workers
         pin = bool(cfg.data.pin_memory) and fabric.device.type == "cuda"
         kw = dict(num_workers=nw, pin_memory=pin, persistent_workers=nw > 0, collate_fn=default_collate)
-        self.sampler = SeededSampler(
-            len(data.train), seed=cfg.trainer.seed, shuffle=True, rank=fabric.global_rank, world_size=self.world,
-            drop_last=True, global_batch=cfg.optim.batch_size,
-        )
-        # plain DataLoaders: Fabric's wrapper would call sampler.set_epoch(<iteration count>) on every iter(),
-        # overriding the epoch and mid-epoch start set for resuming; batches move to the device in the loop
-        train_loader = DataLoader(data.train, batch_size=self.micro, sampler=self.sampler, drop_last=False, **kw)
+        if getattr(data.train, "streaming", False):
+            # a stream (data.hf_streaming): the dataset deals itself to the ranks and loader workers and takes the
+            # sampler's part (set_epoch, epoch_length); workers restart each epoch to see the new epoch and start
+            self.sampler = data.train.configure(seed=cfg.trainer.seed, rank=fabric.global_rank, world=self.world,
+                                                micro=self.micro, global_batch=cfg.optim.batch_size)
+            train_loader = DataLoader(data.train, batch_size=self.micro, drop_last=False,
+                                      **{**kw, "persistent_workers": False})
+        else:
+            self.sampler = SeededSampler(
+                len(data.train), seed=cfg.trainer.seed, shuffle=True, rank=fabric.global_rank,
+                world_size=self.world, drop_last=True, global_batch=cfg.optim.batch_size,
+            )
+            # plain DataLoaders: Fabric's wrapper would call sampler.set_epoch(<iteration count>) on every iter(),
+            # overriding the epoch and mid-epoch start set for resuming; batches move to the device in the loop
+            train_loader = DataLoader(data.train, batch_size=self.micro, sampler=self.sampler, drop_last=False,
+                                      **kw)
         val_loader = None
         val = getattr(data, "val", None)
         if val is not None and len(val) > 0:
@@ -743,7 +834,7 @@ class _Loop:
         else:
             method = self.model.module
             method.eval()
-        spawned = self.cfg.trainer.strategy == "ddp_spawn" and not _under_torchrun()
+        spawned = self.cfg.trainer.strategy == "ddp_spawn" and not (_under_torchrun() or _under_srun())
         if spawned:
             # results cross a process boundary: send no tensors (their shared memory dies with the worker);
             # `train` reloads the method from the final checkpoint in the launching process
