@@ -5,9 +5,14 @@ block reads the same memory (the encoder output), so each query's prediction doe
 patches are queried. Hi-End-MAE: the queries are MAE's full decoder sequence (visible tokens and mask tokens),
 self-attention blocks run first, then each cross-attention block reads a different encoder layer.
 
-Block layout (both reference repos): x += SelfAttn(LN(x)) [optional]; x += CrossAttn(LN(x), memory); x += MLP(LN(x)).
-The memory is not normalised inside the block: SelectiveMAE feeds the encoder's normed output, Hi-End-MAE a
-linear projection of raw (pre-norm) block outputs.
+LatentMIM: the queries are a mask token + a position-weighted average of the visible tokens
+(`position_weighted_queries`) + position embeddings, every block has self-attention among the queries and
+cross-attends to the same memory (the embedded visible tokens + position embeddings), normalised in the block.
+
+Block layout (all reference repos): x += SelfAttn(LN(x)) [optional]; x += CrossAttn(LN(x), memory); x += MLP(LN(x)).
+By default the memory is not normalised inside the block: SelectiveMAE feeds the encoder's normed output,
+Hi-End-MAE a linear projection of raw (pre-norm) block outputs. LatentMIM's block normalises it
+(`memory_norm=True`: CrossAttn(LN(x), LN_m(memory))), as its reference CrossBlock does.
 """
 
 from __future__ import annotations
@@ -46,13 +51,24 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
 
+def position_attention(pos_q: torch.Tensor, pos_k: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """LatentMIM's CrossPositionAttentionStem, parameter-free: each query position's average of `values`
+    [B, K, dim] weighted by softmax_k(pos_q . pos_k / sqrt(dim)) (pos_q [B, Q, dim], pos_k [B, K, dim]), i.e.
+    the visible tokens near the query's position dominate: [B, Q, dim]."""
+    logits = pos_q.float() @ pos_k.float().transpose(1, 2) * pos_q.shape[-1] ** -0.5
+    return logits.softmax(dim=-1).to(values.dtype) @ values
+
+
 class CrossAttentionBlock(nn.Module):
-    def __init__(self, dim: int, memory_dim: int, num_heads: int, mlp_ratio: float = 4.0, self_attn: bool = False):
+    def __init__(self, dim: int, memory_dim: int, num_heads: int, mlp_ratio: float = 4.0, self_attn: bool = False,
+                 memory_norm: bool = False):
         super().__init__()
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.self_attn = Attention(dim, num_heads, qkv_bias=True) if self_attn else None
         self.norm0 = norm_layer(dim) if self_attn else None
         self.norm1 = norm_layer(dim)
+        # created only when asked, so the other decoders' parameters (and checkpoints) are unchanged
+        self.norm_memory = norm_layer(memory_dim) if memory_norm else None
         self.cross_attn = CrossAttention(dim, memory_dim, num_heads)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -60,16 +76,20 @@ class CrossAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         if self.self_attn is not None:
             x = x + self.self_attn(self.norm0(x))
+        if self.norm_memory is not None:
+            memory = self.norm_memory(memory)
         x = x + self.cross_attn(self.norm1(x), memory)
         return x + self.mlp(self.norm2(x))
 
 
 class CrossDecoder(nn.Module):
     """`self_depth` plain self-attention blocks, then one cross-attention block per entry of `memory_dims`
-    (block i reads memory i), a final LayerNorm and a linear head to `out_dim` values per token."""
+    (block i reads memory i), a final LayerNorm and a linear head to `out_dim` values per token.
+    `memory_norm` gives every cross-attention block a LayerNorm on its memory (LatentMIM)."""
 
     def __init__(self, grid_shape: tuple[int, int], memory_dims: Sequence[int], out_dim: int, dim: int = 512,
-                 num_heads: int = 16, self_depth: int = 0, cross_self_attn: bool = False, mlp_ratio: float = 4.0):
+                 num_heads: int = 16, self_depth: int = 0, cross_self_attn: bool = False, mlp_ratio: float = 4.0,
+                 memory_norm: bool = False):
         super().__init__()
         if not memory_dims:
             raise ValueError("a cross decoder needs at least one cross-attention block")
@@ -83,7 +103,8 @@ class CrossDecoder(nn.Module):
             [Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(self_depth)]
         )
         self.cross_blocks = nn.ModuleList(
-            [CrossAttentionBlock(dim, m, num_heads, mlp_ratio, self_attn=cross_self_attn) for m in memory_dims]
+            [CrossAttentionBlock(dim, m, num_heads, mlp_ratio, self_attn=cross_self_attn, memory_norm=memory_norm)
+             for m in memory_dims]
         )
         self.norm = norm_layer(dim)
         self.pred = nn.Linear(dim, out_dim)
@@ -94,6 +115,16 @@ class CrossDecoder(nn.Module):
         """Mask tokens with the position embeddings of patches `ids` (Long[B, Q]): [B, Q, dim] (CrossMAE queries)."""
         pos = self.pos_embed[0, 1:, :][ids]
         return self.mask_token.to(pos.dtype) + pos
+
+    def position_weighted_queries(self, ids: torch.Tensor, visible_ids: torch.Tensor,
+                                  visible: torch.Tensor) -> torch.Tensor:
+        """LatentMIM's queries at patches `ids` (Long[B, Q]): mask token + the position-weighted average of the
+        `visible` tokens [B, V, dim] (at patches `visible_ids`, Long[B, V]; see `position_attention`) + position
+        embedding: [B, Q, dim]. Each query starts from what is visible near it instead of one shared token."""
+        table = self.pos_embed[0, 1:, :]
+        pos_q, pos_k = table[ids], table[visible_ids]
+        context = position_attention(pos_q, pos_k, visible)
+        return self.mask_token.to(visible.dtype) + context + pos_q.to(visible.dtype)
 
     def fill(self, visible: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """MAE's decoder input: `visible` [B, 1 + V, dim] (class token first, keep order) plus mask tokens,
