@@ -83,3 +83,15 @@ def test_method_section_is_validated_by_the_named_methods_own_settings():
     assert cfg.method.name == "mae" and cfg.method.norm_pix is False
     # the dump keeps the method's own fields, so a saved config loads back the same
     assert load_config(base=cfg.model_dump(mode="json")) == cfg
+
+
+def test_a_partial_override_of_a_nested_setting_keeps_the_methods_defaults_for_it():
+    from mimkit.config import load_config
+
+    cfg = load_config(overrides=["method=ijepa", "method.teacher.start=0.99"])
+    assert cfg.method.teacher.kind == "linear" and cfg.method.teacher.start == 0.99 and cfg.method.teacher.end == 1.0
+    cfg = load_config(overrides=["method=ibot", "method.teacher.kind=staged", "method.teacher.stages=[[0.5,0.999]]"])
+    assert cfg.method.teacher.kind == "staged" and cfg.method.teacher.start == 0.996
+    assert cfg.method.teacher.stages == [(0.5, 0.999)]
+    with pytest.raises(Exception, match="teacher"):
+        load_config(overrides=["method=ibot", "method.teacher.strat=0.9"])

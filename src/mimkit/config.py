@@ -140,6 +140,27 @@ class MethodSection(Section):
 
     name: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_nested(cls, data):
+        """`method.teacher.start=0.99` alone arrives as {"teacher": {"start": 0.99}}: a dict given for a field whose
+        default is a model (an EMASchedule, a TeacherConfig) updates that default instead of replacing it, so
+        the method's other defaults for it (e.g. a linear schedule's kind) stay."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for key, value in data.items():
+            field = cls.model_fields.get(key)
+            if field is None or not isinstance(value, dict):
+                continue
+            if field.default_factory is not None:
+                default = field.default_factory()
+            else:
+                default = field.default
+            if isinstance(default, BaseModel):
+                out[key] = {**default.model_dump(), **value}
+        return out
+
 
 def method_config_class(name: str) -> type[MethodSection]:
     from mimkit.methods import METHODS, method_class
