@@ -562,10 +562,24 @@ def split_variant(name: str) -> tuple[str, list[str]]:
     return base, [f"method.{kv.strip()}" for kv in inner.split(";") if kv.strip()]
 
 
+def split_top(spec: str) -> list[str]:
+    """Split a --methods list at commas outside brackets (a variant may hold a comma: stop[sigma=0.5])."""
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
 def resolve_methods(spec: str) -> list[str]:
     from mimkit.methods import METHODS
 
-    names = list(METHODS) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    names = list(METHODS) if spec == "all" else [s.strip() for s in split_top(spec) if s.strip()]
     # MAE first: the claims and the figure compare with it
     return (["mae"] if "mae" in names else []) + [n for n in names if n != "mae"]
 
@@ -593,10 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs/methods.md")
     p.add_argument("--figure", help="loss-curve SVG (default: figures/methods_loss.svg beside --out)")
     p.add_argument("--json", help="write every figure (with histories) here")
-    p.add_argument("--merge", help="a previous --json: its rows are kept (and its random-init row reused) "
-                                   "unless rerun here; the setups must match (budget, batch, seed, probes)")
+    p.add_argument("--merge", action="append", default=[],
+                   help="a previous --json (repeatable): its rows are kept (and its random-init row reused) unless "
+                        "rerun here; the setups must match (budget, batch, seed, probes). With --methods '' the "
+                        "merged rows are only re-rendered")
     args = p.parse_args(argv)
-    merged = json.loads(Path(args.merge).read_text()) if args.merge else None
+    merged = merge_results([json.loads(Path(m).read_text()) for m in args.merge]) if args.merge else None
 
     torch.set_num_threads(args.threads)
     from mimkit.config import EvalConfig, load_config
@@ -704,6 +720,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return exit_status(rows)
+
+
+def merge_results(runs: list[dict]) -> dict:
+    """Several --json results as one: rows in order of first appearance, a later run's row replacing an
+    earlier one's; the first run's setup (the others are checked against it), every command kept."""
+    out = {"setup": dict(runs[0]["setup"]), "order": [], "rows": {}}
+    commands = []
+    for run in runs:
+        for k in ("budget_s", "batch_size", "seed", "eval_train", "eval_test", "attentive_train", "device"):
+            if run["setup"].get(k) != out["setup"].get(k):
+                raise SystemExit(f"cannot merge runs measured differently: {k} {run['setup'].get(k)} vs "
+                                 f"{out['setup'].get(k)}")
+        commands += run["setup"].get("commands") or [run["setup"]["command"]]
+        for name in run["order"]:
+            if name not in out["order"]:
+                out["order"].append(name)
+            out["rows"][name] = run["rows"][name]
+    out["setup"]["commands"] = list(dict.fromkeys(commands))
+    return out
 
 
 class _Reuse(Exception):

@@ -240,3 +240,18 @@ def test_variant_claims(bench):
     assert bench.check_claim("stop", [{"loss": 1}], {"linear": 0.60, "eval_test": 2000},
                              {"ijepa": {"linear": 0.70}})["status"] == "did not hold"
     assert bench.check_claim("ibot[mim_weight=0]", [{"loss": 1}], {}, {})["status"] == "n/a"
+
+
+def test_merge_results_and_split_top(bench):
+    setup = {"budget_s": 60, "batch_size": 128, "seed": 0, "eval_train": 5, "eval_test": 5, "attentive_train": 5,
+             "device": "cpu", "command": "a"}
+    a = {"setup": setup, "order": ["mae", "x", "random init"], "rows": {"mae": {"k": 1}, "x": {"k": 2},
+                                                                         "random init": {"k": 0}}}
+    b = {"setup": {**setup, "command": "b"}, "order": ["x", "y", "random init"],
+         "rows": {"x": {"k": 3}, "y": {"k": 4}, "random init": {"k": 0}}}
+    m = bench.merge_results([a, b])
+    assert m["order"] == ["mae", "x", "random init", "y"] and m["rows"]["x"] == {"k": 3}
+    assert m["setup"]["commands"] == ["a", "b"]
+    with pytest.raises(SystemExit, match="budget_s"):
+        bench.merge_results([a, {**b, "setup": {**b["setup"], "budget_s": 30}}])
+    assert bench.split_top("mae,stop[sigma=0.5;x=1],ijepa") == ["mae", "stop[sigma=0.5;x=1]", "ijepa"]
