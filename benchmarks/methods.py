@@ -51,6 +51,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RANDOM = "random init"
+RANDOM_MEAN = "random init (mean pool)"
+FLOORS = (RANDOM, RANDOM_MEAN)
 
 
 def log(msg: str) -> None:
@@ -239,6 +241,7 @@ NO_CLAIM = {
     "hi_end_mae": "card: dense-probe (segmentation) gain over MAE; no dense probe here",
     "ropim": "card: beats SimMIM at equal epochs; runs here have equal time, not equal epochs",
     "a2mim": "card: IN-100 numbers and ablations; nothing that fits this budget",
+    "ijepa": "the base that StoP and N-JEPA are compared with",
 }
 
 
@@ -285,7 +288,7 @@ def loss_figure(rows: dict, order: list[str], cols: int = 3) -> str:
     """One SVG: a small chart per method (its normalised loss, MAE's dashed for reference), on a grid."""
     from mimkit.viz.plots import line_chart_svg
 
-    names = [n for n in order if n != RANDOM and rows.get(n, {}).get("history")]
+    names = [n for n in order if n not in FLOORS and rows.get(n, {}).get("history")]
     if not names:
         return ""
     w, h = 360, 230
@@ -349,7 +352,7 @@ def render_table(results: dict) -> str:
         if r.get("error"):
             ctext += f"; **failed** ({r['stage']}): {r['error']}"
         lines.append("| " + " | ".join([
-            name, _num(r.get("steps"), "d"), _num(r.get("images_seen"), ",d"), _num(r.get("train_s"), ".0f"),
+            name + (" (mean pool)" if r.get("pool") == "mean" and name not in FLOORS else ""), _num(r.get("steps"), "d"), _num(r.get("images_seen"), ",d"), _num(r.get("train_s"), ".0f"),
             _num(r.get("wall_s"), ".0f"), _num(r.get("images_per_s"), ".1f"), _num(r.get("loss_final")),
             _num(r.get("val_loss")), _pct(r.get("knn")), _pct(r.get("linear")), _pct(r.get("attentive")),
             _cell(ctext),
@@ -360,7 +363,7 @@ def render_table(results: dict) -> str:
 def reading_notes(results: dict) -> list[str]:
     """Statements that follow from the numbers in the table, nothing else."""
     rows, s = results["rows"], results["setup"]
-    trained = [n for n in results["order"] if n != RANDOM and rows.get(n, {}).get("steps") is not None]
+    trained = [n for n in results["order"] if n not in FLOORS and rows.get(n, {}).get("steps") is not None]
     failed = [n for n in results["order"] if rows.get(n, {}).get("error")]
     notes = []
     n_test = s["eval_test"]
@@ -379,12 +382,17 @@ def reading_notes(results: dict) -> list[str]:
             rank = sorted((v for v, _ in have), reverse=True).index(rows["mae"][key]) + 1
             text += f"; MAE {_pct(rows['mae'][key])}% ranks {rank} of {len(have)}"
         if rnd.get(key) is not None:
+            def floor(n):  # each row against the untrained encoder read the same way (class or mean token)
+                f = rows.get(RANDOM_MEAN) if rows[n].get("pool") == "mean" else rnd
+                return (f or rnd).get(key, rnd[key])
+
             r = rnd[key]
-            above = [n for v, n in have if v > r]
-            clear = [n for v, n in have if v - r > 2 * math.sqrt(2) * _probe_se(r, n_test)]
-            below = [n for v, n in have if v <= r]
-            text += (f"; {len(above)} of {len(have)} score above random init ({_pct(r)}%), {len(clear)} of them "
-                     f"by more than the noise margin")
+            above = [n for v, n in have if v > floor(n)]
+            clear = [n for v, n in have if v - floor(n) > 2 * math.sqrt(2) * _probe_se(floor(n), n_test)]
+            below = [n for v, n in have if v <= floor(n)]
+            text += (f"; {len(above)} of {len(have)} score above random init ({_pct(r)}%"
+                     + (f"; {_pct(rows[RANDOM_MEAN][key])}% with mean pooling" if rows.get(RANDOM_MEAN, {}).get(key)
+                        is not None else "") + f"), {len(clear)} of them by more than the noise margin")
             if below:
                 text += f" (not above: {', '.join(below)})"
         notes.append(text + ".")
@@ -438,12 +446,14 @@ def render_markdown(results: dict) -> str:
         "The probes are the comparable figures.",
         f"* **Probes** (the same for every encoder, mimkit.eval, `EvalConfig` defaults): tokens computed once "
         f"over {s['eval_train']:,} training images (seeded subset) and the first {s['eval_test']:,} test "
-        f"images; weighted kNN on the class token (k={s['knn_k']}, T={s['knn_temperature']}); linear probe on "
+        f"images; weighted kNN on the class token (or the mean patch token where the recipe's `eval.pool` is mean; "
+        f"the `pool` column) (k={s['knn_k']}, T={s['knn_temperature']}); linear probe on "
         f"the class token (BatchNorm + linear, {s['linear_epochs']} epochs, lr swept and chosen on a "
-        f"{100 * s['probe_val_fraction']:g}% validation split); attentive probe: the cross-attention pooler "
+        f"{100 * s['probe_val_fraction']:g}% validation split; same pooling); attentive probe: the cross-attention pooler "
         f"({s['attentive_heads']} heads) on the patch tokens of the first {s['attentive_train']:,} of those "
         f"training images, {s['attentive_epochs']} epochs. Accuracies in %.",
-        f"* **{RANDOM}:** the MAE recipe's encoder, untrained (seed {s['seed']}): the floor.",
+        f"* **{RANDOM}:** the MAE recipe's encoder, untrained (seed {s['seed']}): the floor (and **{RANDOM_MEAN}**, "
+        f"the same encoder read through the mean patch token, the floor of rows whose `pool` is mean).",
         "* **Card claims:** checked only where a method card's small-scale claim fits this budget; the test is "
         "stated with the result. `not logged`: the method does not log the metric the check needs.",
         "", "## Results", "", render_table(results), "",
@@ -469,7 +479,7 @@ def render_markdown(results: dict) -> str:
 # running
 
 
-def evaluate(encoder, probe_data, args, ecfg, device) -> dict:
+def evaluate(encoder, probe_data, args, ecfg, device, pool: str = "cls") -> dict:
     from mimkit.eval.attentive import attentive_probe
     from mimkit.eval.features import extract_tokens
     from mimkit.eval.knn import knn_accuracy
@@ -481,7 +491,13 @@ def evaluate(encoder, probe_data, args, ecfg, device) -> dict:
     ttr, ytr = extract_tokens(encoder, train, batch_size=ecfg.batch_size, device=device)
     tte, yte = extract_tokens(encoder, test, batch_size=ecfg.batch_size, device=device)
     out = {"tokens_s": time.perf_counter() - t0}
-    xtr, xte = ttr[:, 0].float(), tte[:, 0].float()
+    # the recipe's eval.pool: the class token, or the mean patch token for methods that never train the class
+    # token (I-JEPA's predictor reads patch tokens only)
+    if pool == "mean":
+        xtr, xte = ttr[:, 1:].float().mean(1), tte[:, 1:].float().mean(1)
+    else:
+        xtr, xte = ttr[:, 0].float(), tte[:, 0].float()
+    out = {**out, "pool": pool}
     out["knn"] = float(knn_accuracy(xtr, ytr, xte, yte, k=ecfg.knn_k, temperature=ecfg.knn_temperature))
     lp = linear_probe(xtr, ytr, xte, yte, ecfg.linear_lrs, ecfg.linear_epochs, ecfg.batch_size, ecfg.val_fraction,
                       ecfg.linear_weight_decay, ecfg.seed, num_classes=10)
@@ -536,7 +552,7 @@ def run_method(name: str, args, common: list[str], base_cfg, data, probe_data, e
         log(f"{name}: {row['steps']} steps in {row['train_s']:.0f}s ({row['images_per_s']:.1f} img/s), loss "
             f"{_num(row['loss_first'])} -> {_num(row['loss_final'])}, val_loss {_num(row['val_loss'])}")
         row["stage"] = "evaluation"
-        row.update(evaluate(res.method.encoder, probe_data, args, ecfg, device))
+        row.update(evaluate(res.method.encoder, probe_data, args, ecfg, device, cfg.eval.pool))
         log(f"{name}: kNN {_pct(row['knn'])}%, linear {_pct(row['linear'])}%, attentive "
             f"{_pct(row['attentive'])}% ({row['eval_s']:.0f}s)")
         row["stage"] = "done"
@@ -618,7 +634,6 @@ def main(argv: list[str] | None = None) -> int:
     from mimkit.config import EvalConfig, load_config
     from mimkit.data import build_labelled, build_pretrain_data
     from mimkit.eval.protocols import limit_dataset
-    from mimkit.methods import build_method
 
     t_all = time.perf_counter()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -652,27 +667,16 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{i + 1}/{len(methods)} methods done in {spent / 60:.1f} min; at this pace all of them and the "
             f"random-init row take about {spent / (i + 1) * (len(methods) + 0.5) / 60:.0f} min")
 
-    # the floor: the MAE recipe's encoder with no training
-    rnd: dict = {"method": RANDOM, "stage": "evaluation", "eval_test": len(probe_data[1])}
-    try:
-        if merged and merged["rows"].get(RANDOM, {}).get("stage") == "done":
-            raise _Reuse(merged["rows"][RANDOM])
-        torch.manual_seed(args.seed)
-        enc = build_method(base_cfg, tuple(data.img_size), int(data.channels)).encoder
-        rnd.update(evaluate(enc, probe_data, args, ecfg, args.device))
-        rnd["stage"] = "done"
-        log(f"{RANDOM}: kNN {_pct(rnd['knn'])}%, linear {_pct(rnd['linear'])}%, attentive {_pct(rnd['attentive'])}%")
-    except _Reuse as kept:
-        rnd = kept.row
-    except Exception as err:
-        rnd["error"] = f"{type(err).__name__}: {err}"[:300]
-        rnd["traceback"] = traceback.format_exc()
-    rnd["claim"] = {"status": "n/a", "claim": None, "evidence": "untrained floor"}
     if merged:
-        kept = [n for n in merged["order"] if n != RANDOM and n not in rows]
+        kept = [n for n in merged["order"] if n not in FLOORS and n not in rows]
         rows = {**{n: merged["rows"][n] for n in kept}, **rows}
         methods = [n for n in merged["order"] if n in rows] + [n for n in methods if n not in merged["order"]]
-    rows[RANDOM] = rnd
+    # the floors: the MAE recipe's encoder with no training, read like the rows (class token; mean patch token
+    # too when some recipe pools that way)
+    floors = [(RANDOM, "cls")] + ([(RANDOM_MEAN, "mean")] if any(r.get("pool") == "mean" for r in rows.values())
+                                  else [])
+    for floor, pool in floors:
+        rows[floor] = random_floor(floor, pool, merged, base_cfg, data, probe_data, args, ecfg)
     # claims that compare with other rows (DMJD vs MAE) see every row now
     for name in methods:
         rows[name]["claim"] = check_claim(name, rows[name].get("history") or [], rows[name], rows)
@@ -698,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
             "attentive_heads": ecfg.attentive_heads, "calibration_steps": args.calibration_steps,
             "calibration_warmup": args.calibration_warmup, "smoke": smoke,
         },
-        "order": methods + [RANDOM], "rows": rows,
+        "order": methods + [f for f in FLOORS if f in rows], "rows": rows,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -741,9 +745,24 @@ def merge_results(runs: list[dict]) -> dict:
     return out
 
 
-class _Reuse(Exception):
-    def __init__(self, row: dict):
-        self.row = row
+def random_floor(name: str, pool: str, merged, base_cfg, data, probe_data, args, ecfg) -> dict:
+    """The untrained MAE-recipe encoder through the same probes (reused from a merged run when it has it)."""
+    from mimkit.methods import build_method
+
+    if merged and merged["rows"].get(name, {}).get("stage") == "done":
+        return merged["rows"][name]
+    rnd: dict = {"method": name, "stage": "evaluation", "eval_test": len(probe_data[1])}
+    try:
+        torch.manual_seed(args.seed)
+        enc = build_method(base_cfg, tuple(data.img_size), int(data.channels)).encoder
+        rnd.update(evaluate(enc, probe_data, args, ecfg, args.device, pool))
+        rnd["stage"] = "done"
+        log(f"{name}: kNN {_pct(rnd['knn'])}%, linear {_pct(rnd['linear'])}%, attentive {_pct(rnd['attentive'])}%")
+    except Exception as err:
+        rnd["error"] = f"{type(err).__name__}: {err}"[:300]
+        rnd["traceback"] = traceback.format_exc()
+    rnd["claim"] = {"status": "n/a", "claim": None, "evidence": "untrained floor"}
+    return rnd
 
 
 def check_mergeable(old: dict, args, eval_train: int, eval_test: int) -> None:
