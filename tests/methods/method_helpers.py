@@ -64,29 +64,36 @@ def with_views(batch: dict, specs) -> dict:
     return {**batch, "image": views[0], "views": views}
 
 
-def train_losses(method, images: torch.Tensor, steps: int = 30, lr: float = 1e-3, batch_size: int = 32,
-                 seed: int = 0, view_specs=None) -> list[float]:
+def train_metrics(method, images: torch.Tensor, steps: int = 30, lr: float = 1e-3, batch_size: int = 32,
+                  seed: int = 0, view_specs=None) -> list[dict[str, float]]:
     """Train `method` for `steps` AdamW steps on minibatches of `images` (fresh per-image seeds each step,
-    calling the engine's step hooks) and return the losses. With `view_specs` (what the method's
-    `view_specs(cfg)` gives) each batch carries augmented views as the loader's would."""
+    calling the engine's step hooks) and return every step's metrics (the method's output dict as floats).
+    With `view_specs` (what the method's `view_specs(cfg)` gives) each batch carries augmented views as the
+    loader's would."""
     torch.manual_seed(seed)
     method.train()
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    losses = []
+    rows = []
     for step in range(steps):
         idx = torch.randperm(len(images), generator=g)[:batch_size]
         batch = {"image": images[idx], "seed": idx + step * len(images)}
         if view_specs:
             batch = with_views(batch, view_specs)
         method.begin_step(step, steps)
-        loss = method(batch)["loss"]
+        out = method(batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out["loss"].backward()
         opt.step()
         method.end_step(step, steps)
-        losses.append(float(loss.detach()))
-    return losses
+        rows.append({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()})
+    return rows
+
+
+def train_losses(method, images: torch.Tensor, steps: int = 30, lr: float = 1e-3, batch_size: int = 32,
+                 seed: int = 0, view_specs=None) -> list[float]:
+    """The losses of `train_metrics`."""
+    return [r["loss"] for r in train_metrics(method, images, steps, lr, batch_size, seed, view_specs)]
 
 
 def falls(losses: list[float], window: int = 5, factor: float = 0.9) -> bool:

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from method_helpers import cifar_samples, falls, fashion_mnist, small_method
+from method_helpers import cifar_samples, falls, fashion_mnist, small_method, train_metrics
 
 from mimkit import rng
 from mimkit.engine.optim import param_groups
@@ -169,26 +169,8 @@ def test_reconstruction_and_any_shape_builds():
     assert torch.equal(rec.pasted[hidden], rec.prediction[hidden])
 
 
-def _train(method, images, steps=30, batch_size=32, lr=1e-3):
-    torch.manual_seed(0)
-    method.train()
-    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for step in range(steps):
-        idx = torch.randperm(len(images), generator=g)[:batch_size]
-        method.begin_step(step, steps)
-        out = method({"image": images[idx], "seed": idx + step * len(images)})
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        method.end_step(step, steps)
-        rows.append({k: float(v.detach()) for k, v in out.items()})
-    return rows
-
-
 def test_training_on_fashion_mnist_lowers_the_reconstruction_loss_and_ranks_above_chance():
-    rows = _train(small_method("hpm", 28, 1, depth=2), fashion_mnist(256))
+    rows = train_metrics(small_method("hpm", 28, 1, depth=2), fashion_mnist(256))
     recon = [r["recon_loss"] for r in rows]
     acc = [r["rank_acc"] for r in rows]
     assert falls(recon), recon
@@ -199,7 +181,7 @@ def test_training_on_fashion_mnist_lowers_the_reconstruction_loss_and_ranks_abov
 
 
 def test_training_on_cifar_lowers_the_reconstruction_loss():
-    rows = _train(small_method("hpm", 32, 3, depth=2), cifar_samples(20), batch_size=20)
+    rows = train_metrics(small_method("hpm", 32, 3, depth=2), cifar_samples(20), batch_size=20)
     recon = [r["recon_loss"] for r in rows]
     assert falls(recon), recon
     assert sum(r["rank_acc"] for r in rows[-10:]) / 10 > 0.5, [r["rank_acc"] for r in rows]

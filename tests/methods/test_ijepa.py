@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from method_helpers import cifar_samples, falls, fashion_mnist, small_method
+from method_helpers import cifar_samples, falls, fashion_mnist, small_method, train_metrics
 
 from mimkit.collapse import mean_pairwise_cosine
 from mimkit.config import ConfigError, load_config
@@ -121,28 +121,10 @@ def test_make_mask_marks_the_target_union_and_config_errors_name_the_field():
         load_config(overrides=["method=ijepa", "method.loss=l1"])
 
 
-def _train(method, images, steps, batch_size=32, lr=1e-3):
-    torch.manual_seed(0)
-    method.train()
-    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for step in range(steps):
-        idx = torch.randperm(len(images), generator=g)[:batch_size]
-        method.begin_step(step, steps)
-        out = method({"image": images[idx], "seed": idx + step * len(images)})
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        method.end_step(step, steps)
-        rows.append({k: float(v.detach()) for k, v in out.items()})
-    return rows
-
-
 def test_loss_falls_on_fashion_mnist_without_collapse():
     images = fashion_mnist(256)
     m = _ijepa()
-    rows = _train(m, images, steps=25)
+    rows = train_metrics(m, images, steps=25)
     losses = [r["loss"] for r in rows]
     assert falls(losses, factor=0.6), losses
     # no collapse: the trained teacher's target features still differ between patches and between images
@@ -164,5 +146,5 @@ def test_loss_falls_on_fashion_mnist_without_collapse():
 def test_loss_falls_on_cifar_at_32px():
     m = _ijepa(size=32, channels=3)
     assert m.grid.shape == (8, 8)
-    rows = _train(m, cifar_samples(20), steps=15, batch_size=20)
+    rows = train_metrics(m, cifar_samples(20), steps=15, batch_size=20)
     assert falls([r["loss"] for r in rows], window=3, factor=0.7), [r["loss"] for r in rows]

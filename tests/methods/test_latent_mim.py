@@ -1,6 +1,6 @@
 import pytest
 import torch
-from method_helpers import cifar_samples, falls, fashion_mnist, small_method
+from method_helpers import cifar_samples, falls, fashion_mnist, small_method, train_metrics
 
 from mimkit.engine.optim import param_groups
 from mimkit.methods.latent_mim import gapped_images, gapped_windows, visible_count, window_offsets
@@ -159,28 +159,10 @@ def test_loss_knob_and_logged_metrics():
         _lmim("method.loss=cosine")
 
 
-def _train(method, images, steps, batch_size=32, lr=1e-3):
-    torch.manual_seed(0)
-    method.train()
-    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for step in range(steps):
-        idx = torch.randperm(len(images), generator=g)[:batch_size]
-        method.begin_step(step, steps)
-        out = method({"image": images[idx], "seed": idx + step * len(images)})
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        method.end_step(step, steps)
-        rows.append({k: float(v.detach()) for k, v in out.items()})
-    return rows
-
-
 def test_training_on_fashion_mnist_lowers_the_loss_without_collapse():
     images = fashion_mnist(256)
     m = _lmim()
-    rows = _train(m, images, steps=36)
+    rows = train_metrics(m, images, steps=36)
     assert falls([r["loss"] for r in rows]), [round(r["loss"], 3) for r in rows]
     # predictions find their own patch far above chance (1/44), and the targets stay spread out
     m.eval()
@@ -192,6 +174,6 @@ def test_training_on_fashion_mnist_lowers_the_loss_without_collapse():
 
 
 def test_training_on_cifar_lowers_the_loss():
-    rows = _train(_lmim(size=32, channels=3), cifar_samples(20), steps=20, batch_size=20)
+    rows = train_metrics(_lmim(size=32, channels=3), cifar_samples(20), steps=20, batch_size=20)
     assert falls([r["loss"] for r in rows]), [round(r["loss"], 3) for r in rows]
     assert rows[-1]["target_sim"] < 0.9
