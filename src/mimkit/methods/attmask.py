@@ -32,6 +32,7 @@ class AttMaskConfig(DistillationSettings):
 
 class AttMask(IBOT):
     config_class = AttMaskConfig
+    mask_reads_teacher = True
 
     def __init__(self, encoder, cfg: AttMaskConfig):
         super().__init__(encoder, cfg)

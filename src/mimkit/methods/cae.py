@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn as nn
 from pydantic import Field
 
 from mimkit.collapse import mean_pairwise_cosine

@@ -87,6 +87,7 @@ def teacher_temperature(progress: float, start: float, end: float, warmup: float
 
 class IBOT(Method):
     config_class = IBOTConfig
+    mask_reads_teacher = False  # iBOT's block/random masks ignore the teacher's scores
 
     def __init__(self, encoder: VisionTransformer, cfg: DistillationSettings):
         super().__init__()
@@ -168,8 +169,9 @@ class IBOT(Method):
 
     @torch.no_grad()
     def make_mask(self, batch: dict) -> Mask:
-        """The student's mask on view 0 (batch["image"]), as drawn in training."""
-        _, scores = self.teacher_forward(batch["image"])
+        """The student's mask on view 0 (batch["image"]), as drawn in training; the teacher runs only for a
+        mask that reads its scores (AttMask)."""
+        scores = self.teacher_forward(batch["image"])[1] if self.mask_reads_teacher else None
         return Mask(masked=self.view_mask(batch["seed"], 0, scores))
 
     # ---- loss ------------------------------------------------------------------------------------------------
