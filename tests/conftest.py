@@ -29,3 +29,41 @@ def fashion_mnist_dir() -> Path:
     if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"Fashion-MNIST not installed in {FASHION_MNIST_DIR}: `sudo apt-get install dataset-fashion-mnist`")
     return FASHION_MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(tmp_path_factory) -> Path:
+    """A small mimkit MAE checkpoint (ViT-Tiny width, 4 blocks, patch 4 on 28x28 grey images: the shape of the
+    method tests' students) trained for 40 steps on 512 Fashion-MNIST images, for the frozen-teacher methods
+    (MaskAlign, DTM, Hybrid Distillation, VQ-KD): `method.teacher.source=<this path>`."""
+    import torch
+
+    from mimkit.config import load_config
+    from mimkit.interop.io import save_method_checkpoint
+    from mimkit.methods import build_method
+    import gzip
+
+    import numpy as np
+
+    source = FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz"
+    if not source.is_file():
+        pytest.skip(f"Fashion-MNIST not installed in {FASHION_MNIST_DIR}: `sudo apt-get install dataset-fashion-mnist`")
+    with gzip.open(source) as fh:
+        raw = np.frombuffer(fh.read(), np.uint8, offset=16)
+    mean, std = 0.286, 0.353  # the standardisation of tests/methods/method_helpers.fashion_mnist
+    images = (torch.from_numpy(raw[: 512 * 784].copy()).float().view(512, 1, 28, 28) / 255 - mean) / std
+    cfg = load_config(overrides=["method=mae", "model.depth=4", "model.decoder=tiny", "data.img_size=28",
+                                 f"data.mean=[{mean}]", f"data.std=[{std}]"])
+    torch.manual_seed(0)
+    method = build_method(cfg, (28, 28), 1)
+    opt = torch.optim.AdamW(method.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for step in range(40):
+        idx = torch.randperm(len(images), generator=g)[:64]
+        loss = method({"image": images[idx], "seed": idx + step * len(images)})["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("teacher") / "mae_teacher.ckpt"
+    return save_method_checkpoint(method.eval(), cfg, {"img_size": [28, 28], "channels": 1, "mean": [mean],
+                                                       "std": [std]}, path)

@@ -428,6 +428,8 @@ class _Loop:
                 except Exception as err:  # the report is informative only; never fail a run on it
                     self.print(f"warning: could not write the data report: {err}")
         fabric.barrier()
+        if ckpt is None:  # data-fitted state (CCViT's k-means tokenizer); a resumed run has it in the checkpoint
+            method.prepare(data.train, tc.seed)
 
         no_decay = no_decay_names(method)
         # a method may scale the base-lr rule (DMJD: pred_ratio / mask_ratio); an explicit optim.lr is used as given

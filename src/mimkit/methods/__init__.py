@@ -29,6 +29,14 @@ METHODS: dict[str, str] = {
     "ijepa": "mimkit.methods.ijepa:IJEPA",
     "stop": "mimkit.methods.stop:StoP",
     "njepa": "mimkit.methods.njepa:NJEPA",
+    "ccvit": "mimkit.methods.ccvit:CCViT",
+    "vqkd": "mimkit.methods.vqkd:VQKD",
+    "beit_v2": "mimkit.methods.beit_v2:BEiTv2",
+    "maskalign": "mimkit.methods.maskalign:MaskAlign",
+    "dtm": "mimkit.methods.dtm:DTM",
+    "hybrid_distill": "mimkit.methods.hybrid_distill:HybridDistill",
+    "sup_mim": "mimkit.methods.sup_mim:SupMIM",
+    "cl_mim": "mimkit.methods.cl_mim:CLMIM",
 }
 
 
@@ -41,7 +49,7 @@ def method_class(name: str) -> type[Method]:
 
 def build_method(cfg, img_size, in_chans: int) -> Method:
     """A method from a PretrainConfig's `method` and `model` sections for images of this size and channels."""
-    return method_class(cfg.method.name).from_config(cfg.method, cfg.model, img_size, in_chans)
+    return method_class(cfg.method.name).from_config(cfg.method, cfg.model, img_size, in_chans, data=cfg.data)
 
 
 def __getattr__(name: str):

@@ -100,7 +100,7 @@ class A2MIM(Method):
             self.head = PixelShuffleHead(encoder.embed_dim, self.grid.patch_size, self.grid.in_chans, self.grid.shape)
 
     @classmethod
-    def from_config(cls, method: A2MIMConfig, model: ModelConfig, img_size, in_chans: int) -> "A2MIM":
+    def from_config(cls, method: A2MIMConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "A2MIM":
         encoder = build_encoder(model, img_size, in_chans)
         kw = method.model_dump(exclude={"name"})
         return cls(encoder, **kw)

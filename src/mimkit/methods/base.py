@@ -39,7 +39,12 @@ class Method(nn.Module):
     "loss" and any other scalar metrics to log. Randomness that concerns an image must derive from its seed.
 
     `config_class` is the method's settings (a MethodSection subclass whose `name` is the method's name) and
-    `from_config(method_cfg, model_cfg, img_size, in_chans)` builds the method from them.
+    `from_config(method_cfg, model_cfg, img_size, in_chans, data=data_cfg)` builds the method from them;
+    `data` is the run's resolved DataConfig (its `mean`/`std` filled in), which methods that feed the images
+    to a frozen teacher need to convert them to the teacher's normalisation (others ignore it).
+
+    `prepare(dataset, seed)` runs once before a fresh run's first step (not on resume: what it makes must
+    be in the state_dict), for methods fitted to the data before training (CCViT's k-means tokenizer).
 
     The engine calls `begin_step(step, total_steps)` before each optimizer step's forward passes and
     `end_step(step, total_steps)` after the optimizer step (0-based `step`), on every process. Methods with
@@ -52,7 +57,7 @@ class Method(nn.Module):
     progress: float = 0.0
 
     @classmethod
-    def from_config(cls, method, model, img_size, in_chans: int) -> "Method":
+    def from_config(cls, method, model, img_size, in_chans: int, data=None) -> "Method":
         raise NotImplementedError(f"{cls.__name__} must define from_config")
 
     @staticmethod
@@ -66,6 +71,10 @@ class Method(nn.Module):
         """Augmented views the method compares (a list of data.views.ViewSpec, from its MethodSection `cfg`);
         the trainer then adds batch["views"]. None (the default): one view, batch["image"]."""
         return None
+
+    def prepare(self, dataset, seed: int) -> None:
+        """Fit data-dependent state (buffers) from the training split `dataset` (items as the loader gives:
+        {"image", "seed", ...}); deterministic given `seed`, so every rank of a distributed run agrees."""
 
     def begin_step(self, step: int, total_steps: int) -> None:
         self.progress = step / max(1, total_steps)

@@ -94,7 +94,7 @@ class CAE(Method):
         self.masking = BlockMasking(cfg.mask_ratio, min_area=cfg.block_min_area, exact=True)
 
     @classmethod
-    def from_config(cls, method: CAEConfig, model: ModelConfig, img_size, in_chans: int) -> "CAE":
+    def from_config(cls, method: CAEConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "CAE":
         return cls(VisionTransformer.from_config(model, img_size, in_chans), method)
 
     def make_mask(self, batch: dict) -> Mask:

@@ -109,7 +109,7 @@ class DMJD(Method):
                     nn.init.zeros_(m.bias)
 
     @classmethod
-    def from_config(cls, method: DMJDConfig, model: ModelConfig, img_size, in_chans: int) -> "DMJD":
+    def from_config(cls, method: DMJDConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "DMJD":
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
         target = hog_target(encoder.grid, method.hog_nbins, method.hog_cells)
         decoder = MAEDecoder.from_config(model, encoder, target.dim) if method.corruption == "drop" else None

@@ -57,7 +57,7 @@ class HiEndMAE(MAE):
         init_mae_weights(self.proj_layers)
 
     @classmethod
-    def from_config(cls, method: HiEndMAEConfig, model: ModelConfig, img_size, in_chans: int) -> "HiEndMAE":
+    def from_config(cls, method: HiEndMAEConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "HiEndMAE":
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
         spec = DECODER_PRESETS[model.decoder]
         dim = model.decoder_dim or spec.dim

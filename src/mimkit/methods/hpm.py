@@ -139,7 +139,7 @@ class HPM(Method):
         self.teacher = EMATeacher(self.student())
 
     @classmethod
-    def from_config(cls, method: HPMConfig, model: ModelConfig, img_size, in_chans: int) -> "HPM":
+    def from_config(cls, method: HPMConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "HPM":
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
         return cls(encoder, MAEDecoder.from_config(model, encoder), method.mask_ratio, method.norm_pix,
                    method.hard_max, method.pred_loss, method.pred_weight, method.ema_momentum,

@@ -102,7 +102,7 @@ class IBOT(Method):
         self.register_buffer("center_patch", torch.zeros(1, cfg.out_dim))
 
     @classmethod
-    def from_config(cls, method: DistillationSettings, model: ModelConfig, img_size, in_chans: int):
+    def from_config(cls, method: DistillationSettings, model: ModelConfig, img_size, in_chans: int, data=None):
         return cls(VisionTransformer.from_config(model, img_size, in_chans), method)
 
     @classmethod

@@ -92,7 +92,7 @@ class IJEPA(Method):
         return MaskTokenQueries(dim)
 
     @classmethod
-    def from_config(cls, method: IJEPAConfig, model: ModelConfig, img_size, in_chans: int) -> "IJEPA":
+    def from_config(cls, method: IJEPAConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "IJEPA":
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
         dim, depth, heads = predictor_size(model)
         queries = cls.make_queries(method, dim, position_rms(dim, encoder.grid.shape))

@@ -150,7 +150,7 @@ class LatentMIM(Method):
         self.teacher = EMATeacher(self.student())
 
     @classmethod
-    def from_config(cls, method: LatentMIMConfig, model: ModelConfig, img_size, in_chans: int) -> "LatentMIM":
+    def from_config(cls, method: LatentMIMConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "LatentMIM":
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
         spec = DECODER_PRESETS[model.decoder]
         return cls(encoder, method, decoder_dim=model.decoder_dim or spec.dim,

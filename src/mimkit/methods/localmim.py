@@ -162,7 +162,7 @@ class LocalMIM(Method):
         self.metric_names = [n if names.count(n) == 1 else f"{n}_{k}" for k, n in enumerate(names)]
 
     @classmethod
-    def from_config(cls, method: LocalMIMConfig, model: ModelConfig, img_size, in_chans: int) -> "LocalMIM":
+    def from_config(cls, method: LocalMIMConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "LocalMIM":
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
         spec = DECODER_PRESETS[model.decoder]
         return cls(encoder, method.taps, method.scales, method.mask_ratio, method.hog_nbins, method.min_cell,

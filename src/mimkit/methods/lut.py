@@ -148,7 +148,7 @@ class LUT(Method):
         self.teacher = EMATeacher(self.student())
 
     @classmethod
-    def from_config(cls, method: LUTConfig, model: ModelConfig, img_size, in_chans: int) -> "LUT":
+    def from_config(cls, method: LUTConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "LUT":
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
         return cls(encoder, MAEDecoder.from_config(model, encoder), method)
 

@@ -36,7 +36,7 @@ class MAE(Method):
         self.target = PixelTarget(self.grid, norm=norm_pix)
 
     @classmethod
-    def from_config(cls, method: MAEConfig, model: ModelConfig, img_size, in_chans: int) -> "MAE":
+    def from_config(cls, method: MAEConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "MAE":
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
         return cls(encoder, MAEDecoder.from_config(model, encoder), method.mask_ratio, method.norm_pix)
 

@@ -53,7 +53,7 @@ class MaskFeat(Method):
         self.masking = build_masking(mask, mask_ratio, mask_unit, block_min_area)
 
     @classmethod
-    def from_config(cls, method: MaskFeatConfig, model: ModelConfig, img_size, in_chans: int) -> "MaskFeat":
+    def from_config(cls, method: MaskFeatConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "MaskFeat":
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
         return cls(encoder, method.mask, method.mask_ratio, method.mask_unit, method.block_min_area,
                    method.hog_nbins, method.hog_cells)

@@ -57,7 +57,7 @@ class MFF(MAE):
         self.fuse_logits = nn.Parameter(torch.ones(len(self.layers)), requires_grad=len(self.layers) > 1)
 
     @classmethod
-    def from_config(cls, method: MFFConfig, model: ModelConfig, img_size, in_chans: int) -> "MFF":
+    def from_config(cls, method: MFFConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "MFF":
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
         return cls(encoder, MAEDecoder.from_config(model, encoder), method.layers, method.mask_ratio, method.norm_pix)
 

@@ -45,7 +45,7 @@ class ROPIM(Method):
         self.head = PixelShuffleHead(encoder.embed_dim, self.grid.patch_size, self.grid.in_chans, self.grid.shape)
 
     @classmethod
-    def from_config(cls, method: ROPIMConfig, model: ModelConfig, img_size, in_chans: int) -> "ROPIM":
+    def from_config(cls, method: ROPIMConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "ROPIM":
         return cls(VisionTransformer.from_config(model, img_size, in_chans), method.rho)
 
     def make_projection(self, batch: dict) -> torch.Tensor:

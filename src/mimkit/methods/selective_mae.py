@@ -111,7 +111,7 @@ class SelectiveMAE(Method):
         self.target = PixelTarget(self.grid, norm=cfg.norm_pix)
 
     @classmethod
-    def from_config(cls, method: SelectiveMAEConfig, model: ModelConfig, img_size, in_chans: int) -> "SelectiveMAE":
+    def from_config(cls, method: SelectiveMAEConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "SelectiveMAE":
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
         if method.decoder == "mae":
             return cls(encoder, MAEDecoder.from_config(model, encoder), method)

@@ -38,7 +38,7 @@ class SimMIM(Method):
         self.masking = build_masking(mask, mask_ratio, mask_unit, block_min_area)
 
     @classmethod
-    def from_config(cls, method: SimMIMConfig, model: ModelConfig, img_size, in_chans: int) -> "SimMIM":
+    def from_config(cls, method: SimMIMConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "SimMIM":
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
         return cls(encoder, method.mask, method.mask_ratio, method.mask_unit, method.block_min_area)
 
