@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+TEACHER = "teacher"  # the MAE recipe at --teacher-budget-s: the frozen teacher of the distillation rows
 RANDOM = "random init"
 RANDOM_MEAN = "random init (mean pool)"
 FLOORS = (RANDOM, RANDOM_MEAN)
@@ -243,6 +244,7 @@ NO_CLAIM = {
     "ropim": "card: beats SimMIM at equal epochs; runs here have equal time, not equal epochs",
     "a2mim": "card: IN-100 numbers and ablations; nothing that fits this budget",
     "ijepa": "the base that StoP and N-JEPA are compared with",
+    TEACHER: "the frozen teacher of the distillation rows: the MAE recipe trained for --teacher-budget-s",
 }
 
 
@@ -518,20 +520,25 @@ def run_method(name: str, args, common: list[str], base_cfg, data, probe_data, e
 
     row: dict = {"method": name, "stage": "config", "eval_test": len(probe_data[1])}
     base, variant = split_variant(name)
-    recipe = ROOT / "configs" / f"{base}_vit_tiny_fmnist.yaml"
+    recipe = ROOT / "configs" / f"{'mae' if base == TEACHER else base}_vit_tiny_fmnist.yaml"
     try:
         if not recipe.is_file():
             raise FileNotFoundError(f"no recipe {recipe.relative_to(ROOT)}")
         row["recipe"] = str(recipe.relative_to(ROOT))
         if variant:
             row["overrides"] = variant
-        cfg = load_config(recipe, common + variant)
+        wiring = wiring_overrides(load_config(recipe, common + variant).method, args, rows)
+        if wiring:
+            row["wiring"] = wiring
+        cfg = load_config(recipe, common + wiring + variant)
         if cfg.data != base_cfg.data:  # one dataset for all: the recipe's data section is replaced
             row["note"] = "recipe's data section replaced by the shared one"
             cfg = cfg.model_copy(update={"data": base_cfg.data})
         row["stage"] = "calibration"
         cal = calibrate(cfg, data, args.calibration_warmup, args.calibration_steps)
-        steps = steps_for_budget(args.budget_s, cal["s_per_step"], args.min_steps)
+        budget = args.teacher_budget_s if name == TEACHER else args.budget_s
+        row["budget_s"] = budget
+        steps = steps_for_budget(budget, cal["s_per_step"], args.min_steps)
         row.update({"s_per_step": cal["s_per_step"], "calibration_times": cal["step_times"], "max_steps": steps})
         log(f"{name}: {cal['s_per_step']:.3f} s/step -> {steps} steps of {cfg.optim.batch_size}")
         cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"max_steps": steps})})
@@ -558,14 +565,33 @@ def run_method(name: str, args, common: list[str], base_cfg, data, probe_data, e
             f"{_pct(row['attentive'])}% ({row['eval_s']:.0f}s)")
         row["stage"] = "done"
         del res
-        if not args.keep_runs:
-            shutil.rmtree(row["run_dir"], ignore_errors=True)
     except Exception as err:  # report and go on with the next method
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
         row["traceback"] = traceback.format_exc()
         log(f"{name}: FAILED during {row['stage']}: {row['error']}")
     row["claim"] = check_claim(name, row.get("history") or [], row, rows)
     return row
+
+
+def wiring_overrides(method_cfg, args, rows: dict) -> list[str]:
+    """What a method needs from outside its recipe: every frozen-teacher field (a TeacherConfig) reads the
+    benchmark's teacher (the "teacher" row's run, or --teacher), and a `tokenizer` field (BEiT v2) the vqkd
+    row's run. The recipes name runs under runs/ that a user makes first; here they come from this run."""
+    from mimkit.targets.teacher import teacher_fields
+
+    out = []
+    fields = teacher_fields(type(method_cfg))
+    if fields:
+        source = args.teacher or (rows.get(TEACHER) or {}).get("run_dir")
+        if not source:
+            raise ValueError(f"{method_cfg.name} needs a teacher: give --teacher RUN or --teacher-budget-s S")
+        out += [f"method.{f}.source={source}" for f in fields]
+    if "tokenizer" in type(method_cfg).model_fields:
+        vqkd = (rows.get("vqkd") or {}).get("run_dir")
+        if not vqkd or (rows.get("vqkd") or {}).get("stage") != "done":
+            raise ValueError(f"{method_cfg.name} predicts the codes of a VQ-KD tokenizer: run the vqkd row first")
+        out.append(f"method.tokenizer={vqkd}")
+    return out
 
 
 def split_variant(name: str) -> tuple[str, list[str]]:
@@ -618,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-steps", type=int, default=5)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every method's recipe (repeatable), e.g. model.depth=6")
+    p.add_argument("--teacher", help="a mimkit run (or checkpoint) as the frozen teacher of every teacher field")
+    p.add_argument("--teacher-budget-s", type=float, default=300.0,
+                   help="without --teacher: train the MAE recipe this long first (the \"teacher\" row) when some "
+                        "method needs a teacher")
     p.add_argument("--device", default="cpu")
     p.add_argument("--work-dir", help="run folders go here (default: a temporary folder, removed at the end)")
     p.add_argument("--keep-runs", action="store_true", help="keep each method's run folder")
@@ -662,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(data.train)} training images; probes {len(probe_data[0])} / {len(probe_data[1])}; "
         f"{torch.get_num_threads()} threads; work dir {work}")
 
+    if not args.teacher and any(needs_teacher(n) for n in methods) and TEACHER not in methods:
+        methods = [TEACHER] + methods
     for i, name in enumerate(methods):
         rows[name] = run_method(name, args, common_all, base_cfg, data, probe_data, ecfg, args.device, rows)
         spent = time.perf_counter() - t_all
@@ -722,64 +754,19 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))
         log(f"wrote {args.json}")
+    if not args.keep_runs:
+        for row in rows.values():
+            if row.get("run_dir"):
+                shutil.rmtree(row["run_dir"], ignore_errors=True)
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return exit_status(rows)
 
 
-def merge_results(runs: list[dict]) -> dict:
-    """Several --json results as one: rows in order of first appearance, a later run's row replacing an
-    earlier one's; the first run's setup (the others are checked against it), every command kept."""
-    out = {"setup": dict(runs[0]["setup"]), "order": [], "rows": {}}
-    commands = []
-    for run in runs:
-        for k in ("budget_s", "batch_size", "seed", "eval_train", "eval_test", "attentive_train", "device"):
-            if run["setup"].get(k) != out["setup"].get(k):
-                raise SystemExit(f"cannot merge runs measured differently: {k} {run['setup'].get(k)} vs "
-                                 f"{out['setup'].get(k)}")
-        commands += run["setup"].get("commands") or [run["setup"]["command"]]
-        for name in run["order"]:
-            if name not in out["order"]:
-                out["order"].append(name)
-            out["rows"][name] = run["rows"][name]
-    out["setup"]["commands"] = list(dict.fromkeys(commands))
-    return out
+def needs_teacher(name: str) -> bool:
+    """Does this row's recipe have a frozen-teacher field (so the run needs a teacher row or --teacher)?"""
+    from mimkit.config import load_config
+    from mimkit.targets.teacher import teacher_fields
 
-
-def random_floor(name: str, pool: str, merged, base_cfg, data, probe_data, args, ecfg) -> dict:
-    """The untrained MAE-recipe encoder through the same probes (reused from a merged run when it has it)."""
-    from mimkit.methods import build_method
-
-    if merged and merged["rows"].get(name, {}).get("stage") == "done":
-        return merged["rows"][name]
-    rnd: dict = {"method": name, "stage": "evaluation", "eval_test": len(probe_data[1])}
-    try:
-        torch.manual_seed(args.seed)
-        enc = build_method(base_cfg, tuple(data.img_size), int(data.channels)).encoder
-        rnd.update(evaluate(enc, probe_data, args, ecfg, args.device, pool))
-        rnd["stage"] = "done"
-        log(f"{name}: kNN {_pct(rnd['knn'])}%, linear {_pct(rnd['linear'])}%, attentive {_pct(rnd['attentive'])}%")
-    except Exception as err:
-        rnd["error"] = f"{type(err).__name__}: {err}"[:300]
-        rnd["traceback"] = traceback.format_exc()
-    rnd["claim"] = {"status": "n/a", "claim": None, "evidence": "untrained floor"}
-    return rnd
-
-
-def check_mergeable(old: dict, args, eval_train: int, eval_test: int) -> None:
-    """Rows of two runs share a table only if they were measured alike."""
-    same = {"budget_s": args.budget_s, "batch_size": args.batch_size, "seed": args.seed, "eval_train": eval_train,
-            "eval_test": eval_test, "attentive_train": min(args.attentive_train, eval_train), "device": args.device}
-    diff = [f"{k}: {old.get(k)} there, {v} here" for k, v in same.items() if old.get(k) != v]
-    if diff:
-        raise SystemExit("cannot merge with a run measured differently: " + "; ".join(diff))
-
-
-def exit_status(rows: dict) -> int:
-    """Non-zero only when MAE was run and failed; other methods' failures are reported in the table."""
-    mae = rows.get("mae")
-    return 1 if mae is not None and mae.get("error") else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    recipe = ROOT / "configs" / f"{split_variant(name)[0]}_vit_tiny_fmnist.yaml"
+    return recipe.is_file() and bool(teacher_fields(type(load_config(recipe).method)))

@@ -1,4 +1,4 @@
-"""`mimkit` command line: pretrain, eval, visualize, report, export, info, import-mae, data shard.
+"""`mimkit` command line: pretrain, tokenizer fit, eval, visualize, report, export, info, import-mae, data shard.
 
 Heavy imports happen inside the commands so `mimkit --help` answers at once.
 """
@@ -59,6 +59,12 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _cmd_tokenizer_fit(args) -> int:
+    from mimkit.methods.vqkd import fit_tokenizer
+
+    return fit_tokenizer(args)
+
+
 def _init_method(cfg, init: dict, source: str):
     """A method built for this run's data, with weights from `init` (names and shapes must all match)."""
     from mimkit.engine.checkpoint import load_state_strict
@@ -91,19 +97,20 @@ def _run_dir(ckpt: str) -> Path:
 
 
 def _cmd_eval(args) -> int:
-    """Any protocol on a mimkit checkpoint / run folder, `timm:NAME`, `timm:local-dir:DIR` or `hf:DIR`."""
+    """Any protocol on a mimkit checkpoint / run folder, `timm:NAME`, `timm:local-dir:DIR`, `hf:DIR or hub name`
+    or `open_clip:MODEL@FILE` (a `#proj` suffix: CLIP's projected tokens; docs/teachers.md)."""
     import torch
 
     from mimkit.config import PretrainConfig, apply_overrides
     from mimkit.data import build_labelled
     from mimkit.data.build import make_source
     from mimkit.data.errors import DataReport
-    from mimkit.engine.checkpoint import find_checkpoint, run_dir_of
-    from mimkit.eval.encoders import load_encoder, norm_for, wrap_mimkit
+    from mimkit.engine.checkpoint import encoder_from_checkpoint, find_checkpoint, run_dir_of
+    from mimkit.eval.encoders import is_external_spec, load_encoder, norm_for, wrap_mimkit
     from mimkit.eval.protocols import run_protocol, summary_line
     from mimkit.pipeline import has_labels, write_json
 
-    external = args.checkpoint.startswith(("timm:", "hf:"))
+    external = is_external_spec(args.checkpoint)
     if external:
         loaded = load_encoder(args.checkpoint)
         cfg = apply_overrides(PretrainConfig(), args.overrides)
@@ -111,8 +118,9 @@ def _cmd_eval(args) -> int:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"img_size": list(loaded.img_size)})})
         run_dir = None
     else:
-        method, cfg, ckpt = _load(args.checkpoint)
-        loaded = wrap_mimkit(method.encoder, ckpt["data"])
+        # the encoder alone: a distillation run's teachers need not be where they were during training
+        encoder, cfg, ckpt = encoder_from_checkpoint(_checkpoint_path(args.checkpoint))
+        loaded = wrap_mimkit(encoder, ckpt["data"])
         cfg = apply_overrides(cfg, args.overrides)
         ckpt_path = find_checkpoint(args.checkpoint)
         in_run = Path(args.checkpoint).is_dir() or ckpt_path.parent.name == "checkpoints"
@@ -228,8 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=5 method=mae")
     s.set_defaults(func=_cmd_pretrain)
 
+    s = sub.add_parser("tokenizer", help="tokenizers: `tokenizer fit` trains BEiT v2's VQ-KD (pretrain method=vqkd)")
+    tsub = s.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("fit", help="pretrain with method=vqkd (same --config/overrides as pretrain), then print the "
+                        "codebook usage over the validation split (also written to results.json)")
+    t.add_argument("--config", help="YAML recipe, e.g. configs/vqkd_vit_tiny_fmnist.yaml")
+    t.add_argument("--resume", help="checkpoint or run folder to continue, or 'auto'")
+    t.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.teacher.source=runs/mae")
+    t.set_defaults(func=_cmd_tokenizer_fit)
+
     s = sub.add_parser("eval", help="evaluate an encoder: knn, linear, attentive, finetune, fewshot or layers")
-    s.add_argument("checkpoint", help="checkpoint file or run folder, timm:NAME, timm:local-dir:DIR or hf:DIR")
+    s.add_argument("checkpoint", help="checkpoint file or run folder, timm:NAME, timm:local-dir:DIR, hf:DIR, "
+                                      "open_clip:MODEL@FILE (docs/teachers.md)")
     s.add_argument("--protocol", default="knn", choices=["knn", "linear", "attentive", "finetune", "fewshot", "layers"],
                    help="evaluation protocol (settings: eval.* overrides)")
     s.add_argument("--pool", default=None, choices=["cls", "mean"],

@@ -19,12 +19,34 @@ TINY = ["optim.max_steps=3", "optim.batch_size=16", "data.limit=64", "data.num_w
 RECIPES = Path(__file__).resolve().parents[2] / "configs"
 
 
+@pytest.fixture(scope="module")
+def vqkd_run(tmp_path_factory, teacher_checkpoint) -> Path:
+    """A 3-step VQ-KD tokenizer run (BEiT v2's stage 1) for the beit_v2 case's `method.tokenizer`."""
+    out = tmp_path_factory.mktemp("vqkd")
+    assert main(["pretrain", "--config", str(RECIPES / "vqkd_vit_tiny_fmnist.yaml"), *TINY,
+                 f"method.teacher.source={teacher_checkpoint}", f"trainer.out_dir={out}", "trainer.run_name=r"]) == 0
+    return out / "r"
+
+
+def wiring(name: str, request) -> list[str]:
+    """What a recipe names outside itself (a teacher run, a tokenizer run), pointed at test fixtures."""
+    from mimkit.config import method_config_class
+    from mimkit.targets.teacher import teacher_fields
+
+    cls = method_config_class(name)
+    fields = teacher_fields(cls)
+    out = [f"method.{f}.source={request.getfixturevalue('teacher_checkpoint')}" for f in fields]
+    if "tokenizer" in cls.model_fields:
+        out.append(f"method.tokenizer={request.getfixturevalue('vqkd_run')}")
+    return out
+
+
 @pytest.mark.parametrize("name", list(METHODS))
-def test_method_pretrains_evaluates_and_draws(name, tmp_path, capsys):
+def test_method_pretrains_evaluates_and_draws(name, tmp_path, capsys, request):
     if not FMNIST.exists():
         pytest.skip("Debian package dataset-fashion-mnist not installed")
     recipe = RECIPES / f"{name}_vit_tiny_fmnist.yaml"
-    args = ["--config", str(recipe)] if recipe.exists() else [f"method={name}"]
+    args = (["--config", str(recipe)] if recipe.exists() else [f"method={name}"]) + wiring(name, request)
     assert main(["pretrain", *args, *TINY, f"trainer.out_dir={tmp_path}", "trainer.run_name=r"]) == 0
     run = tmp_path / "r"
     results = json.loads((run / "results.json").read_text())
@@ -39,6 +61,21 @@ def test_method_pretrains_evaluates_and_draws(name, tmp_path, capsys):
     assert Path(drawn).is_file()
     method, cfg, _ = method_from_checkpoint(run / "checkpoints" / "last.ckpt")
     assert cfg.method.name == name and type(method).__name__ == METHODS[name].split(":")[1]
+
+
+def test_a_distillation_run_evaluates_after_its_teacher_is_gone(tmp_path, teacher_checkpoint, capsys):
+    """`mimkit eval` reads the student's encoder alone: the frozen teacher (outside the checkpoint) may have moved."""
+    import shutil
+
+    if not FMNIST.exists():
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    teacher = shutil.copy(teacher_checkpoint, tmp_path / "teacher.ckpt")
+    assert main(["pretrain", "--config", str(RECIPES / "dtm_vit_tiny_fmnist.yaml"), *TINY,
+                 f"method.teacher.source={teacher}", f"trainer.out_dir={tmp_path}", "trainer.run_name=r"]) == 0
+    Path(teacher).unlink()
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "r"), "eval.knn_limit=100"]) == 0
+    assert "kNN top-1" in capsys.readouterr().out
 
 
 def test_every_method_has_a_recipe():

@@ -28,5 +28,6 @@ def test_branch_depends_on_last_cls_and_early_patches_only():
 def test_early_layer_index_counts_blocks_like_beit_v2():
     assert early_layer_index(9, 12) == 8
     assert early_layer_index(None, 12) == 8 and early_layer_index(None, 4) == 2
+    assert early_layer_index(None, 2) == 0  # round(1.5) would be the last block
     with pytest.raises(ValueError, match="early_layers=4"):
         early_layer_index(4, 4)

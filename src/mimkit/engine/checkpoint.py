@@ -145,8 +145,35 @@ def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None
 
 def method_from_checkpoint(path: str | Path):
     """(method, config, checkpoint dict) with the method's weights loaded, on the CPU, in eval mode."""
-    from mimkit.config import ConfigError, PretrainConfig, build_config
     from mimkit.methods import build_method
+
+    ckpt, cfg, img_size, channels = _read_run(path)
+    method = build_method(cfg, img_size, channels)
+    load_state_strict(method, ckpt["model"], str(path))
+    method.eval()
+    return method, cfg, ckpt
+
+
+def encoder_from_checkpoint(path: str | Path):
+    """(encoder, config, checkpoint dict): the encoder alone, built from the model section and loaded from the
+    `encoder.` weights, on the CPU, in eval mode. What evaluation and frozen teachers need: a distillation
+    run's own teachers and tokenizers (rebuilt with its method, from paths that may have moved) are not
+    loaded. Falls back to the whole method when its encoder is not the model section's plain one."""
+    from mimkit.models.cnn import build_encoder
+
+    ckpt, cfg, img_size, channels = _read_run(path)
+    encoder = build_encoder(cfg.model, img_size, channels)
+    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    try:
+        load_state_strict(encoder, state, str(path))
+    except CheckpointError:
+        return method_from_checkpoint(path)[0].encoder, cfg, ckpt
+    return encoder.eval(), cfg, ckpt
+
+
+def _read_run(path: str | Path):
+    """(checkpoint, PretrainConfig, img_size, channels) of a mimkit checkpoint, with clear errors."""
+    from mimkit.config import ConfigError, PretrainConfig, build_config
 
     ckpt = load_checkpoint(path)
     absent = [k for k in ("config", "data", "model") if not isinstance(ckpt.get(k), dict)]
@@ -161,10 +188,7 @@ def method_from_checkpoint(path: str | Path):
         img_size, channels = tuple(int(v) for v in data["img_size"]), int(data["channels"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: its data section lacks a valid img_size/channels ({err!r})") from None
-    method = build_method(cfg, img_size, channels)
-    load_state_strict(method, ckpt["model"], str(path))
-    method.eval()
-    return method, cfg, ckpt
+    return ckpt, cfg, img_size, channels
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -41,7 +41,7 @@ class PatchAggregationHead(nn.Module):
 def early_layer_index(early_layers: int | None, depth: int) -> int:
     """0-based block whose patch tokens feed the branch. `early_layers` counts blocks as BEiT v2 does (9 of 12
     for ViT-B: after the 9th block); None = three quarters of the depth, at least 1 and below the last."""
-    n = round(0.75 * depth) if early_layers is None else int(early_layers)
+    n = min(max(1, round(0.75 * depth)), depth - 1) if early_layers is None else int(early_layers)
     if not 1 <= n < depth:
         raise ValueError(f"early_layers={early_layers} must be in [1, {depth - 1}] for a {depth}-block encoder")
     return n - 1

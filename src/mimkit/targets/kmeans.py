@@ -50,7 +50,10 @@ def kmeans(points: torch.Tensor, k: int, iters: int = 20, seed: int = 0, metric:
     x = points.float()
     if metric == "cosine":
         x = F.normalize(x, dim=1)
-    centroids = _plus_plus_init(x, k, torch.Generator().manual_seed(int(seed)), metric)
+    g = torch.Generator().manual_seed(int(seed))
+    # k-means++ is k sequential passes: seed it on a subsample (32 points per centroid) and let Lloyd use all
+    pool = x if m <= 32 * k else x[torch.randperm(m, generator=g)[:32 * k].to(x.device)]
+    centroids = _plus_plus_init(pool, k, g, metric)
     for _ in range(iters):
         assign = nearest(x, centroids, metric)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
@@ -78,7 +81,7 @@ def _plus_plus_init(x: torch.Tensor, k: int, g: torch.Generator, metric: Metric)
         last = x[picks[-1]]
         d = (2 - 2 * (x @ last)).clamp_min(0) if metric == "cosine" else ((x - last) ** 2).sum(1)
         dist = torch.minimum(dist, d)
-        weights = dist.double().cpu()
+        weights = dist.cpu().double()
         if float(weights.sum()) <= 0:  # fewer distinct points than k: any point not yet picked
             weights = torch.ones(m, dtype=torch.double)
             weights[picks] = 0

@@ -2,7 +2,7 @@
 
 MaskAlign, BEiT v2's VQ-KD, DTM, Hybrid Distillation and the MIM-from-CLIP family read features of a frozen,
 usually bigger, model. `method.teacher.source=<spec>` names it (any spec `mimkit.eval.encoders.load_encoder`
-takes: a mimkit checkpoint or run folder, `timm:<name>` / `timm:local-dir:<folder>`, `hf:<folder>`), with
+takes: a mimkit checkpoint or run folder, `timm:<name>` / `timm:local-dir:<folder>`, `hf:<folder or cached hub name>`, `open_clip:...`; see docs/teachers.md), with
 `layers` to read and a per-token `norm`. The teacher sees the same images as the student, converted:
 
 1. from the data's normalisation to the teacher's (its own mean/std; grey images repeat to RGB in the adapter);
@@ -31,8 +31,9 @@ class TeacherConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(..., description="mimkit checkpoint/run folder, timm:<name>, timm:local-dir:<folder> or "
-                                         "hf:<folder> (weights must be available locally)")
+    source: str = Field(..., description="mimkit checkpoint/run folder, timm:<name>, timm:local-dir:<folder>, "
+                                         "hf:<folder or cached hub name>, open_clip:<model>@<file|tag>; a #proj suffix "
+                                         "gives CLIP's projected tokens (docs/teachers.md; weights must be local)")
     layers: list[int] = Field([-1], description="0-based blocks to read (negative: from the end)")
     norm: Literal["none", "layernorm", "standardize"] = Field(
         "layernorm", description="per-token LayerNorm without affine (I-JEPA, MaskAlign, data2vec), per-dimension "
@@ -110,6 +111,9 @@ class FrozenTeacher(nn.Module):
         return self
 
     def teacher_grid(self) -> tuple[int, int]:
+        grid = getattr(self._encoder, "grid_size", None)  # the eval.encoders adapters know their grid
+        if grid is not None:
+            return int(grid[0]), int(grid[1])
         model = getattr(self._encoder, "model", self._encoder)
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
         if grid is None and hasattr(model, "grid"):
@@ -160,3 +164,71 @@ class FrozenTeacher(nn.Module):
 
     def forward(self, images: torch.Tensor, seeds: torch.Tensor | None = None) -> list[torch.Tensor]:
         return self.features(images, seeds)
+
+    def _blocks(self) -> list[nn.Module]:
+        """The teacher's transformer blocks (mimkit and timm ViTs: `model.blocks[i].attn` is a timm Attention)."""
+        model = getattr(self._encoder, "model", self._encoder)
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or not all(hasattr(b, "attn") for b in blocks):
+            raise ValueError(f"cannot read the attention of teacher {type(model).__name__} (a Hugging Face "
+                             "`hf:` teacher?): attention is read from mimkit and timm ViTs only "
+                             "(method.teacher.source=<mimkit checkpoint> or timm:...)")
+        return list(blocks)
+
+    @torch.no_grad()
+    def forward_with_attention(self, images: torch.Tensor, attention_layers
+                               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One teacher pass giving (features, attentions).
+
+        features: as `features` gives them (the configured layers, normalised, on the student's grid, never
+        from the cache: the pass runs anyway). attentions: per layer of `attention_layers` (0-based, negative
+        from the end) the softmax probabilities [B, H, T_t, T_t] (float32) over the teacher's OWN tokens (its
+        grid, class/prefix tokens first), read with forward pre-hooks on the blocks' `attn` modules that
+        recompute softmax(q k^T * scale) from the module's input, so the pass itself keeps its fused kernel."""
+        from mimkit.eval.analysis import _attention_probs
+
+        blocks = self._blocks()
+        att_ids = self._encoder._layer_ids(list(attention_layers))
+        feat_ids = self._encoder._layer_ids(self.layers)
+        found: dict[int, torch.Tensor] = {}
+
+        def make_hook(i):
+            def hook(module, args, kwargs):
+                x = args[0] if args else kwargs["x"]
+                found[i] = _attention_probs(module, x, kwargs.get("attn_mask"))
+            return hook
+
+        handles = [blocks[i].attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in set(att_ids)]
+        try:
+            x = images.float() * self.scale + self.shift
+            if tuple(x.shape[-2:]) != self.img_size:
+                x = F.interpolate(x, size=self.img_size, mode="bicubic", align_corners=False)
+            # run through the deepest block either list needs; the features are the configured layers
+            run = sorted(set(feat_ids) | {max(att_ids)})
+            outs = dict(zip(run, self._encoder.forward_layers(x, run)))
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [i for i in att_ids if i not in found]
+        if missing:
+            raise RuntimeError(f"teacher blocks {missing} ran without calling their `attn` module")
+        feats = [self._normalise(self._to_student_grid(outs[i])) for i in feat_ids]
+        feats = [f[:, 1:] for f in feats] if self.drop_cls else feats
+        return feats, [found[i] for i in att_ids]
+
+    def cls_attention_on_student_grid(self, attn: torch.Tensor) -> torch.Tensor:
+        """[B, N_student]: the class token's attention to the patches (row 0, mean over heads, the last
+        N_teacher columns), resampled bilinearly to the student's grid when the grids differ, summing to 1."""
+        gh, gw = self.teacher_grid()
+        sh, sw = self.student_grid
+        row = attn[:, :, 0, -gh * gw:].float().mean(1)  # [B, N_t]
+        if (gh, gw) != (sh, sw):
+            maps = F.interpolate(row.view(-1, 1, gh, gw), size=(sh, sw), mode="bilinear", align_corners=False)
+            row = maps.flatten(1).clamp_min(0)
+        return row / row.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def teacher_fields(config_class) -> list[str]:
+    """Names of a method config's frozen-teacher fields (TeacherConfig-typed, e.g. "teacher", or Hybrid
+    Distillation's "mim_teacher" and "feature_teacher"): what `method.<field>.source=...` must set."""
+    return [name for name, field in config_class.model_fields.items() if field.annotation is TeacherConfig]

@@ -1,0 +1,86 @@
+"""BEiT v2 (card C4 stage 2): cross-entropy on the hidden patches only, against the codes of a frozen VQ-KD
+tokenizer that stays out of the state_dict and the optimizer; the loss falls and mlm_acc rises."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from method_helpers import fashion_mnist, small_method, train_metrics
+
+from mimkit.config import load_config
+from mimkit.interop.io import save_method_checkpoint
+from mimkit.methods import build_method
+
+DATA = ["data.mean=[0.286]", "data.std=[0.353]"]
+
+
+@pytest.fixture(scope="module")
+def vqkd_checkpoint(teacher_checkpoint, tmp_path_factory):
+    """A VQ-KD (64 codes, 2 blocks) trained for 8 steps on Fashion-MNIST, saved as a mimkit checkpoint."""
+    cfg = load_config(overrides=["method=vqkd", "model.depth=2", "data.img_size=28", *DATA,
+                                 f"method.teacher.source={teacher_checkpoint}", "method.teacher.norm=standardize",
+                                 "method.decoder_depth=1", "method.num_codes=64", "method.dead_after=2"])
+    torch.manual_seed(0)
+    method = build_method(cfg, (28, 28), 1)
+    train_metrics(method, fashion_mnist(256), steps=8, lr=1e-3, batch_size=32)
+    path = tmp_path_factory.mktemp("vqkd") / "vqkd.ckpt"
+    return save_method_checkpoint(method.eval(), cfg, {"img_size": [28, 28], "channels": 1, "mean": [0.286],
+                                                       "std": [0.353]}, path)
+
+
+def beit_v2(tokenizer, *overrides):
+    torch.manual_seed(0)
+    return small_method("beit_v2", (28, 28), 1, *DATA, f"method.tokenizer={tokenizer}", *overrides, depth=2)
+
+
+def batch(n=16, offset=0):
+    return {"image": fashion_mnist(n + offset)[offset:], "seed": torch.arange(n) + offset}
+
+
+def test_targets_are_the_frozen_tokenizers_codes_and_it_is_not_saved(vqkd_checkpoint):
+    m = beit_v2(vqkd_checkpoint).train()
+    tok = m.tokenizer
+    assert not tok.training and all(not p.requires_grad for p in tok.parameters())
+    own = {id(p) for p in m.parameters()}
+    assert not any(id(p) in own for p in tok.parameters())
+    assert not any("tokenizer" in k or "quantizer" in k for k in m.state_dict())
+    b = batch()
+    assert torch.equal(m.targets(b["image"]), tok.tokenize(b["image"]))  # same normalisation: the codes as is
+    codebook = tok.quantizer.codebook.clone()
+    m(b)["loss"].backward()
+    assert all(p.grad is None for p in tok.parameters())
+    assert torch.equal(tok.quantizer.codebook, codebook)  # the tokenizer's codebook does not move in stage 2
+
+
+def test_loss_is_cross_entropy_on_hidden_patches_only(vqkd_checkpoint):
+    m = beit_v2(vqkd_checkpoint).eval()
+    b = batch()
+    mask = m.make_mask(b)
+    assert (mask.masked.sum(1) == round(0.38 * 49)).all()  # BEiT v2's exact count
+    codes = m.targets(b["image"])
+    with torch.no_grad():
+        main, agg = m.logits(b["image"], mask)
+        out = m(b)
+    h = mask.masked
+    expect = F.cross_entropy(main[h], codes[h]) + F.cross_entropy(agg[h], codes[h])
+    assert torch.allclose(out["loss"], expect, atol=1e-5)
+    # other codes at the visible patches change nothing
+    scrambled = torch.where(h, codes, (codes + 7) % m.num_codes)
+    m.targets = lambda images: scrambled
+    with torch.no_grad():
+        assert torch.allclose(m(b)["loss"], out["loss"], atol=1e-6)
+
+
+def test_not_a_vqkd_run_is_refused_by_name(teacher_checkpoint):
+    with pytest.raises(ValueError, match="not a VQ-KD tokenizer"):
+        beit_v2(teacher_checkpoint)
+
+
+def test_loss_falls_and_mlm_acc_rises_on_fashion_mnist(vqkd_checkpoint):
+    m = beit_v2(vqkd_checkpoint)
+    rows = train_metrics(m, fashion_mnist(256), steps=25, lr=1e-3, batch_size=32)
+    first, last = rows[:5], rows[-5:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    assert mean(last, "loss") < 0.9 * mean(first, "loss")
+    assert mean(last, "mlm_acc") > mean(first, "mlm_acc") + 0.05
+    assert mean(last, "agg_mlm_acc") > mean(first, "agg_mlm_acc")
+    assert all(0 < r["target_code_usage"] <= 1 for r in rows)
