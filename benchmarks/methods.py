@@ -81,7 +81,10 @@ def calibrate(cfg, data, warmup: int = 2, steps: int = 4) -> dict:
     from mimkit.methods import build_method
 
     torch.manual_seed(cfg.trainer.seed)
+    # the data statistics as the trainer resolves them (a frozen teacher converts the images with them)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"mean": list(data.mean), "std": list(data.std)})})
     method = build_method(cfg, tuple(data.img_size), int(data.channels)).train()
+    method.prepare(data.train, cfg.trainer.seed)  # as the trainer does before a fresh run (CCViT's k-means)
     opt = build_optimizer(method, cfg.optim, no_decay_names(method))
     batch_size = cfg.optim.batch_size // cfg.optim.accumulate
     loader = DataLoader(data.train, batch_size=batch_size, shuffle=False, drop_last=True, num_workers=0,
@@ -205,6 +208,48 @@ def check_attmask(history, row=None, rows=None):
     return ("did not hold" if have["low"] - min(have["high"], have["hint"]) > 2 * se else "inconclusive"), text
 
 
+def check_vqkd(history, row=None, rows=None):
+    vals = _series(history, "code_usage")
+    if not vals:
+        return "not logged", "no `code_usage` in the training history"
+    # the usage window (the recipe's usage_window, 20 batches) starts with the k-means-initialised first batch,
+    # which uses every code by construction: only steps after it say anything
+    window = 20
+    if len(vals) <= window:
+        return "n/a", (f"{len(vals)} steps: the {window}-batch usage window still holds the k-means-initialised first "
+                       f"batch (usage {vals[-1]:.3f}); needs a longer run (docs/methods_300s.md)")
+    vals = vals[window:]
+    first, last, q = _quarters(vals)
+    return ("held" if last > 0.9 else "did not hold",
+            f"code_usage (share of the codebook used over the last training batches' window) {last:.3f} over the "
+            f"last {q} steps ({len(vals)} logged; first quarter {first:.3f})")
+
+
+def check_maskalign(history, row=None, rows=None):
+    rows = rows or {}
+    teacher, mae = rows.get(TEACHER), rows.get("mae")
+    probe, text = compare_probe(row, teacher, "linear", "MaskAlign", "its teacher")
+    if probe == "n/a":
+        return "n/a", "needs the teacher row (run with --teacher-budget-s) and this row's linear probe"
+    reached = probe in ("held", "inconclusive")  # above the teacher, or below it by less than the noise
+    if not (row and mae and row.get("s_per_step") and mae.get("s_per_step")):
+        return "n/a", text + "; needs MAE's seconds per step for the cost half"
+    ratio = row["s_per_step"] / mae["s_per_step"]
+    status = "held" if reached and ratio < 1 else "did not hold"
+    return status, (f"{text}; student {row.get('steps')} steps at {ratio:.2f}x MAE's seconds per step, teacher "
+                    f"{teacher.get('steps')} steps")
+
+
+def check_cl_mim(history, row=None, rows=None):
+    rows = rows or {}
+    out = [compare_probe(row, rows.get(f"cl_mim[lam={v}]"), "linear", "cl_mim", f"cl_mim[lam={v}]") for v in (0, 1)]
+    if any(s == "n/a" for s, _ in out):
+        return "n/a", "needs the cl_mim[lam=0] (SimMIM part only) and cl_mim[lam=1] (MoCo v3 part only) rows"
+    statuses = {s for s, _ in out}
+    status = "held" if statuses == {"held"} else "did not hold" if "did not hold" in statuses else "inconclusive"
+    return status, "; ".join(t for _, t in out)
+
+
 CLAIMS = {
     "hpm": ("the loss predictor's ranking accuracy is above 0.5 and rises",
             "rank_acc (pairwise ranking accuracy of the predicted losses of each training batch's masked patches, "
@@ -231,6 +276,26 @@ CLAIMS = {
              "linear probe above the ijepa row by more than two standard errors", _against("ijepa", "linear")),
     "njepa": ("diffusion-noised positions improve I-JEPA's linear probe",
               "linear probe above the ijepa row by more than two standard errors", _against("ijepa", "linear")),
+    "ccvit": ("centroid replacement adds to code prediction",
+              "linear probe above the ccvit[replace_ratio=0] row by more than two standard errors",
+              _against("ccvit[replace_ratio=0]", "linear")),
+    "vqkd": ("the VQ-KD codebook usage stays above 90% with a self-trained teacher",
+             "code_usage averaged over the last quarter of steps > 0.9", check_vqkd),
+    "beit_v2": ("the patch-aggregation branch improves the linear probe",
+                "linear probe above the beit_v2[head_layers=0] row by more than two standard errors",
+                _against("beit_v2[head_layers=0]", "linear")),
+    "maskalign": ("a MaskAlign student reaches its teacher's probe accuracy at a lower cost per step than MAE",
+                  "linear probe not below the teacher row's by more than two standard errors, and seconds per step "
+                  "below MAE's", check_maskalign),
+    "dtm": ("token morphing improves on plain per-token distillation",
+            "linear probe above the dtm[morph=false] row by more than two standard errors",
+            _against("dtm[morph=false]", "linear")),
+    "sup_mim": ("an auxiliary MIM decoder improves supervised training's kNN retrieval",
+                "kNN above the sup_mim[mim_weight=0] row (supervised only) by more than two standard errors",
+                _against("sup_mim[mim_weight=0]", "knn")),
+    "cl_mim": ("the CL + MIM hybrid beats either loss alone",
+               "linear probe above both cl_mim[lam=0] and cl_mim[lam=1] by more than two standard errors",
+               check_cl_mim),
 }
 
 # why a method has no claim checked here (the card's small-scale checks need more than this budget)
@@ -244,7 +309,10 @@ NO_CLAIM = {
     "ropim": "card: beats SimMIM at equal epochs; runs here have equal time, not equal epochs",
     "a2mim": "card: IN-100 numbers and ablations; nothing that fits this budget",
     "ijepa": "the base that StoP and N-JEPA are compared with",
-    TEACHER: "the frozen teacher of the distillation rows: the MAE recipe trained for --teacher-budget-s",
+    "uta": "card: CLIP zero-shot accuracy; needs CLIP's text tower, not available with a self-trained teacher",
+    "hybrid_distill": "card: NMI and attention distance stay MIM-like while the probe moves towards a CL teacher; "
+                      "this run has one MAE teacher in both roles",
+    TEACHER: "the frozen teacher of the distillation rows (see Setup)",
 }
 
 
@@ -366,7 +434,7 @@ def render_table(results: dict) -> str:
 def reading_notes(results: dict) -> list[str]:
     """Statements that follow from the numbers in the table, nothing else."""
     rows, s = results["rows"], results["setup"]
-    trained = [n for n in results["order"] if n not in FLOORS and rows.get(n, {}).get("steps") is not None]
+    trained = [n for n in results["order"] if n not in FLOORS and rows.get(n, {}).get("images_seen") is not None]
     failed = [n for n in results["order"] if rows.get(n, {}).get("error")]
     notes = []
     n_test = s["eval_test"]
@@ -419,6 +487,19 @@ def reading_notes(results: dict) -> list[str]:
     return notes
 
 
+def teacher_note(results: dict) -> list[str]:
+    """How the distillation rows got their frozen teacher (and BEiT v2 its tokenizer)."""
+    row = results["rows"].get(TEACHER)
+    if not row:
+        return []
+    made = (f"the MAE recipe trained for {row.get('budget_s', 0):g} s ({row.get('steps')} steps)" if not row.get("source")
+            else f"the given run {row['source']} ({row.get('steps')} steps)")
+    return [f"* **{TEACHER}:** {made}, probed like the other rows; every frozen-teacher field of a row's recipe "
+            "(`method.teacher.source`, Hybrid Distillation's `mim_teacher` and `feature_teacher`) reads it, and "
+            "`beit_v2` rows predict the codes of this run's `vqkd` row (`method.tokenizer`). Its budget is not the "
+            "rows' budget: it is the kind of checkpoint a user distils from."]
+
+
 def render_markdown(results: dict) -> str:
     s = results["setup"]
     out = ["# MIM methods at equal CPU budget on Fashion-MNIST", ""]
@@ -459,6 +540,7 @@ def render_markdown(results: dict) -> str:
         f"the same encoder read through the mean patch token, the floor of rows whose `pool` is mean).",
         "* **Card claims:** checked only where a method card's small-scale claim fits this budget; the test is "
         "stated with the result. `not logged`: the method does not log the metric the check needs.",
+        *teacher_note(results),
         "", "## Results", "", render_table(results), "",
     ]
     if results.get("figure"):
@@ -694,12 +776,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.teacher and any(needs_teacher(n) for n in methods) and TEACHER not in methods:
         methods = [TEACHER] + methods
+    elif args.teacher and any(needs_teacher(n) for n in methods):
+        rows[TEACHER] = given_teacher_row(args, probe_data, ecfg)  # probed like the rows, not trained here
     for i, name in enumerate(methods):
         rows[name] = run_method(name, args, common_all, base_cfg, data, probe_data, ecfg, args.device, rows)
         spent = time.perf_counter() - t_all
         log(f"{i + 1}/{len(methods)} methods done in {spent / 60:.1f} min; at this pace all of them and the "
             f"random-init row take about {spent / (i + 1) * (len(methods) + 0.5) / 60:.0f} min")
 
+    if TEACHER in rows and TEACHER not in methods:  # a given --teacher, probed before the loop
+        methods = [TEACHER] + methods
     if merged:
         kept = [n for n in merged["order"] if n not in FLOORS and n not in rows]
         rows = {**{n: merged["rows"][n] for n in kept}, **rows}
@@ -746,14 +832,14 @@ def main(argv: list[str] | None = None) -> int:
         fig.write_text(svg)
         results["figure"] = os.path.relpath(fig, out.parent).replace(os.sep, "/")
     results["seconds"] = time.perf_counter() - t_all
+    if args.json:  # first: the figures survive a bug in the rendering (re-render them with --merge)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+        log(f"wrote {args.json}")
     out.write_text(render_markdown(results))
     log(f"wrote {out}" + (f" and {fig}" if svg else ""))
     print()
     print(render_table(results))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
-        log(f"wrote {args.json}")
     if not args.keep_runs:
         for row in rows.values():
             if row.get("run_dir"):
@@ -770,3 +856,82 @@ def needs_teacher(name: str) -> bool:
 
     recipe = ROOT / "configs" / f"{split_variant(name)[0]}_vit_tiny_fmnist.yaml"
     return recipe.is_file() and bool(teacher_fields(type(load_config(recipe).method)))
+
+
+def merge_results(runs: list[dict]) -> dict:
+    """Several --json results as one: rows in order of first appearance, a later run's row replacing an
+    earlier one's; the first run's setup (the others are checked against it), every command kept."""
+    out = {"setup": dict(runs[0]["setup"]), "order": [], "rows": {}}
+    commands = []
+    for run in runs:
+        for k in ("budget_s", "batch_size", "seed", "eval_train", "eval_test", "attentive_train", "device"):
+            if run["setup"].get(k) != out["setup"].get(k):
+                raise SystemExit(f"cannot merge runs measured differently: {k} {run['setup'].get(k)} vs "
+                                 f"{out['setup'].get(k)}")
+        commands += run["setup"].get("commands") or [run["setup"]["command"]]
+        for name in run["order"]:
+            if name not in out["order"]:
+                out["order"].append(name)
+            out["rows"][name] = run["rows"][name]
+    out["setup"]["commands"] = list(dict.fromkeys(commands))
+    return out
+
+
+def given_teacher_row(args, probe_data, ecfg) -> dict:
+    """The --teacher run's encoder through the same probes (what the distillation rows are compared with)."""
+    from mimkit.engine.checkpoint import encoder_from_checkpoint, find_checkpoint, load_checkpoint
+
+    row: dict = {"method": TEACHER, "stage": "evaluation", "eval_test": len(probe_data[1]), "run_dir": None,
+                 "source": str(args.teacher)}
+    try:
+        path = find_checkpoint(args.teacher)
+        encoder, cfg, ckpt = encoder_from_checkpoint(path)
+        progress = load_checkpoint(path).get("progress") or {}
+        row["steps"] = progress.get("global_step")
+        row.update(evaluate(encoder, probe_data, args, ecfg, args.device, cfg.eval.pool))
+        row["stage"] = "done"
+        log(f"teacher {args.teacher}: kNN {_pct(row['knn'])}%, linear {_pct(row['linear'])}%")
+    except Exception as err:
+        row["error"] = f"{type(err).__name__}: {err}"[:300]
+        row["traceback"] = traceback.format_exc()
+    row["claim"] = {"status": "n/a", "claim": None, "evidence": f"the given frozen teacher ({args.teacher})"}
+    return row
+
+
+def random_floor(name: str, pool: str, merged, base_cfg, data, probe_data, args, ecfg) -> dict:
+    """The untrained MAE-recipe encoder through the same probes (reused from a merged run when it has it)."""
+    from mimkit.methods import build_method
+
+    if merged and merged["rows"].get(name, {}).get("stage") == "done":
+        return merged["rows"][name]
+    rnd: dict = {"method": name, "stage": "evaluation", "eval_test": len(probe_data[1])}
+    try:
+        torch.manual_seed(args.seed)
+        enc = build_method(base_cfg, tuple(data.img_size), int(data.channels)).encoder
+        rnd.update(evaluate(enc, probe_data, args, ecfg, args.device, pool))
+        rnd["stage"] = "done"
+        log(f"{name}: kNN {_pct(rnd['knn'])}%, linear {_pct(rnd['linear'])}%, attentive {_pct(rnd['attentive'])}%")
+    except Exception as err:
+        rnd["error"] = f"{type(err).__name__}: {err}"[:300]
+        rnd["traceback"] = traceback.format_exc()
+    rnd["claim"] = {"status": "n/a", "claim": None, "evidence": "untrained floor"}
+    return rnd
+
+
+def check_mergeable(old: dict, args, eval_train: int, eval_test: int) -> None:
+    """Rows of two runs share a table only if they were measured alike."""
+    same = {"budget_s": args.budget_s, "batch_size": args.batch_size, "seed": args.seed, "eval_train": eval_train,
+            "eval_test": eval_test, "attentive_train": min(args.attentive_train, eval_train), "device": args.device}
+    diff = [f"{k}: {old.get(k)} there, {v} here" for k, v in same.items() if old.get(k) != v]
+    if diff:
+        raise SystemExit("cannot merge with a run measured differently: " + "; ".join(diff))
+
+
+def exit_status(rows: dict) -> int:
+    """Non-zero only when MAE was run and failed; other methods' failures are reported in the table."""
+    mae = rows.get("mae")
+    return 1 if mae is not None and mae.get("error") else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

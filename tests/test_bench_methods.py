@@ -257,3 +257,23 @@ def test_merge_results_and_split_top(bench):
     with pytest.raises(SystemExit, match="budget_s"):
         bench.merge_results([a, {**b, "setup": {**b["setup"], "budget_s": 30}}])
     assert bench.split_top("mae,stop[sigma=0.5;x=1],ijepa") == ["mae", "stop[sigma=0.5;x=1]", "ijepa"]
+
+
+def test_wave_1c_claims(bench):
+    row = lambda **kw: {"eval_test": 2000, **kw}  # noqa: E731
+    hist = [{"code_usage": 1.0}] * 20 + [{"code_usage": 0.95}] * 8
+    assert bench.check_vqkd(hist)[0] == "held"
+    assert bench.check_vqkd([{"code_usage": 1.0}] * 20 + [{"code_usage": 0.5}] * 8)[0] == "did not hold"
+    assert bench.check_vqkd([{"code_usage": 1.0}] * 13)[0] == "n/a"   # the window still holds the k-means batch
+    assert bench.check_vqkd([{"loss": 1.0}])[0] == "not logged"
+    rows = {bench.TEACHER: row(linear=0.80, steps=300), "mae": row(s_per_step=1.0)}
+    # within the noise of the teacher and cheaper than MAE: reached
+    assert bench.check_maskalign([], row(linear=0.79, s_per_step=0.8, steps=50), rows)[0] == "held"
+    assert bench.check_maskalign([], row(linear=0.79, s_per_step=1.3), rows)[0] == "did not hold"   # dearer
+    assert bench.check_maskalign([], row(linear=0.70, s_per_step=0.8), rows)[0] == "did not hold"   # below
+    assert bench.check_maskalign([], row(linear=0.79, s_per_step=0.8), {})[0] == "n/a"
+    both = {"cl_mim[lam=0]": row(linear=0.70), "cl_mim[lam=1]": row(linear=0.60)}
+    assert bench.check_cl_mim([], row(linear=0.80), both)[0] == "held"
+    assert bench.check_cl_mim([], row(linear=0.65), both)[0] == "did not hold"
+    assert bench.check_cl_mim([], row(linear=0.71), both)[0] == "inconclusive"
+    assert bench.check_cl_mim([], row(linear=0.71), {})[0] == "n/a"

@@ -227,23 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling: pretrain, evaluate, look, export.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def run_arguments(p, recipe: str, example: str):
+        """What every training verb takes: a recipe, resume, print-config, key=value overrides."""
+        p.add_argument("--config", help=f"YAML recipe ({recipe})")
+        p.add_argument("--resume", help="checkpoint or run folder to continue, or 'auto' (last.ckpt of this run)")
+        p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+        p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+
     s = sub.add_parser("pretrain", help="pretrain an encoder (default: MAE ViT-Tiny/4 on Fashion-MNIST)")
-    s.add_argument("--config", help=f"YAML recipe (default: {DEFAULT_RECIPE})")
-    s.add_argument("--resume", help="checkpoint or run folder to continue, or 'auto' (last.ckpt of this run)")
+    run_arguments(s, f"default: {DEFAULT_RECIPE}", "optim.epochs=5 method=mae")
     s.add_argument("--init", help="start from these weights (a mimkit checkpoint, e.g. from `mimkit import-mae`); "
                    "its recipe is the base unless --config is given")
-    s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
-    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=5 method=mae")
     s.set_defaults(func=_cmd_pretrain)
 
     s = sub.add_parser("tokenizer", help="tokenizers: `tokenizer fit` trains BEiT v2's VQ-KD (pretrain method=vqkd)")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True)
     t = tsub.add_parser("fit", help="pretrain with method=vqkd (same --config/overrides as pretrain), then print the "
                         "codebook usage over the validation split (also written to results.json)")
-    t.add_argument("--config", help="YAML recipe, e.g. configs/vqkd_vit_tiny_fmnist.yaml")
-    t.add_argument("--resume", help="checkpoint or run folder to continue, or 'auto'")
-    t.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.teacher.source=runs/mae")
+    run_arguments(t, "e.g. configs/vqkd_vit_tiny_fmnist.yaml", "method.teacher.source=runs/mae")
     t.set_defaults(func=_cmd_tokenizer_fit)
 
     s = sub.add_parser("eval", help="evaluate an encoder: knn, linear, attentive, finetune, fewshot or layers")
