@@ -11,8 +11,10 @@ DATA_DIR ?= .data
 demo: setup fashion-mnist
 	$(BIN)/mimkit pretrain
 
+# two workers, one thread each: the suite is many small CPU-bound tests (`make test PYTEST_WORKERS=0` runs serially)
+PYTEST_WORKERS ?= 2
 test: setup fashion-mnist test-data
-	$(BIN)/python -m pytest -q -ra
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile
 
 test-all: setup fashion-mnist test-data
 	$(BIN)/python -m pytest -q -ra -m "slow or not slow"
