@@ -280,7 +280,9 @@ CLAIMS = {
               "linear probe above the ccvit[replace_ratio=0] row by more than two standard errors",
               _against("ccvit[replace_ratio=0]", "linear")),
     "vqkd": ("the VQ-KD codebook usage stays above 90% with a self-trained teacher",
-             "code_usage averaged over the last quarter of steps > 0.9", check_vqkd),
+             "code_usage averaged over the last quarter of steps > 0.9 (the recipe restarts codes idle for 5 batches, "
+             "`dead_after: 5`, which BEiT v2 does not; without it short runs collapse, see the vqkd docstring)",
+             check_vqkd),
     "beit_v2": ("the patch-aggregation branch improves the linear probe",
                 "linear probe above the beit_v2[head_layers=0] row by more than two standard errors",
                 _against("beit_v2[head_layers=0]", "linear")),

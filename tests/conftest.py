@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "tests") not in sys.path:  # shared helpers (method_wiring) whatever pytest's import mode
+    sys.path.insert(0, str(REPO / "tests"))
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -67,3 +70,17 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "mae_teacher.ckpt"
     return save_method_checkpoint(method.eval(), cfg, {"img_size": [28, 28], "channels": 1, "mean": [mean],
                                                        "std": [std]}, path)
+
+
+@pytest.fixture(scope="session")
+def vqkd_run(tmp_path_factory, teacher_checkpoint) -> Path:
+    """A 3-step VQ-KD tokenizer run (BEiT v2's stage 1, 28x28 grey, patch 4) for `beit_v2`'s `method.tokenizer`."""
+    from mimkit.cli import main
+
+    out = tmp_path_factory.mktemp("vqkd")
+    assert main(["pretrain", "--config", str(REPO / "configs" / "vqkd_vit_tiny_fmnist.yaml"), "optim.max_steps=3",
+                 "optim.batch_size=16", "data.limit=64", "data.num_workers=0", "data.stats_samples=32",
+                 "data.val_fraction=0.02", "eval.knn=false", "eval.visualize=false", "trainer.progress=false",
+                 "model.depth=2", "model.decoder_depth=1", f"method.teacher.source={teacher_checkpoint}",
+                 f"trainer.out_dir={out}", "trainer.run_name=r"]) == 0
+    return out / "r"

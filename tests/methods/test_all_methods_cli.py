@@ -19,26 +19,11 @@ TINY = ["optim.max_steps=3", "optim.batch_size=16", "data.limit=64", "data.num_w
 RECIPES = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.fixture(scope="module")
-def vqkd_run(tmp_path_factory, teacher_checkpoint) -> Path:
-    """A 3-step VQ-KD tokenizer run (BEiT v2's stage 1) for the beit_v2 case's `method.tokenizer`."""
-    out = tmp_path_factory.mktemp("vqkd")
-    assert main(["pretrain", "--config", str(RECIPES / "vqkd_vit_tiny_fmnist.yaml"), *TINY,
-                 f"method.teacher.source={teacher_checkpoint}", f"trainer.out_dir={out}", "trainer.run_name=r"]) == 0
-    return out / "r"
-
-
 def wiring(name: str, request) -> list[str]:
     """What a recipe names outside itself (a teacher run, a tokenizer run), pointed at test fixtures."""
-    from mimkit.config import method_config_class
-    from mimkit.targets.teacher import teacher_fields
+    from method_wiring import external_overrides
 
-    cls = method_config_class(name)
-    fields = teacher_fields(cls)
-    out = [f"method.{f}.source={request.getfixturevalue('teacher_checkpoint')}" for f in fields]
-    if "tokenizer" in cls.model_fields:
-        out.append(f"method.tokenizer={request.getfixturevalue('vqkd_run')}")
-    return out
+    return external_overrides(name, request)
 
 
 @pytest.mark.parametrize("name", list(METHODS))

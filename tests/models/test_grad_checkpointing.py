@@ -52,30 +52,46 @@ class BlockCalls:
             h.remove()
 
 
-def _method(name: str, ckpt: bool, *extra: str):
+def _method(name: str, ckpt: bool, *extra: str, size: int = 16):
     cfg = load_config(overrides=[f"method={name}", "model.depth=3", "model.decoder=tiny", "model.patch_size=4",
-                                 f"model.grad_checkpointing={str(ckpt).lower()}", *extra])
+                                 f"model.grad_checkpointing={str(ckpt).lower()}", "data.mean=[0.286]",
+                                 "data.std=[0.353]", *extra])
     torch.manual_seed(0)
-    return build_method(cfg, (16, 16), 1)
+    return build_method(cfg, (size, size), 1)
+
+
+def _batch(images) -> dict:
+    n = images.shape[0]
+    return {"image": images, "seed": torch.arange(n), "label": torch.arange(n) % 10}
 
 
 def _loss_and_grads(method, images):
     method.train()
     method.zero_grad(set_to_none=True)
     torch.manual_seed(123)  # drop path draws from the global RNG
-    out = method({"image": images, "seed": torch.arange(images.shape[0])})
+    out = method(_batch(images))
     out["loss"].backward()
     grads = {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
     return out["loss"].detach(), grads
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_same_loss_and_gradients_and_blocks_recomputed(name):
+def test_every_method_same_loss_and_gradients_and_blocks_recomputed(name, request):
     """drop_path > 0: the recomputation must replay the same random paths, or the gradients would differ."""
-    images = _images()
-    plain = _method(name, False, "model.drop_path=0.2")
-    ckpt = _method(name, True, "model.drop_path=0.2")
+    from method_wiring import external_overrides
+
+    from mimkit.config import method_config_class
+
+    extra = external_overrides(name, request)
+    if "num_codes" in method_config_class(name).model_fields:  # a k-means tokenizer fitted on these 8 images
+        extra.append("method.num_codes=32")
+    # methods reading a frozen run (teacher, tokenizer) use its 28x28 images: some need the same patch grid
+    size = 28 if any(e.startswith(("method.tokenizer", "method.teacher", "method.mim_teacher")) for e in extra) else 16
+    images = _images(size=size)
+    plain = _method(name, False, "model.drop_path=0.2", *extra, size=size)
+    ckpt = _method(name, True, "model.drop_path=0.2", *extra, size=size)
     assert not plain.encoder.grad_checkpointing and ckpt.encoder.grad_checkpointing  # from_config read it
+    plain.prepare([{"image": img, "label": i % 10} for i, img in enumerate(images)], 0)  # k-means etc., copied below
     ckpt.load_state_dict(plain.state_dict())
     loss_a, grads_a = _loss_and_grads(plain, images)
 
@@ -98,7 +114,7 @@ def _block_forwards(method, images) -> list[int]:
     calls = BlockCalls(method.encoder, grad_only=True)
     torch.manual_seed(123)
     method.train()
-    method({"image": images, "seed": torch.arange(images.shape[0])})
+    method(_batch(images))
     calls.remove()
     return calls.counts
 

@@ -41,9 +41,10 @@ def kmeans(points: torch.Tensor, k: int, iters: int = 20, seed: int = 0, metric:
     """Lloyd's k-means on points [M, D] -> centroids [k, D] (unit rows for metric="cosine").
 
     Initial centroids: k-means++ (each next one drawn with probability proportional to its squared distance to
-    the nearest one so far) with a seeded generator, which avoids merged clusters of a uniform draw. A centroid that loses all its points
-    is moved to the point currently worst served (the farthest from its centroid), so every code stays in use
-    at the end of each iteration when there are at least k distinct points."""
+    the nearest one so far, from a seeded subsample of 32 points per centroid), which avoids the merged clusters
+    of a uniform draw. A centroid that loses all its points is moved to the point currently worst served (the
+    farthest from its centroid), so every code stays in use at the end of each iteration when there are at
+    least k distinct points."""
     m = points.shape[0]
     if m < k:
         raise ValueError(f"k-means needs at least k={k} points, got {m}: use more images or fewer codes")
