@@ -15,13 +15,24 @@ where the luma weights mean something (for other counts they are skipped, never 
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from mimkit import rng
 from mimkit.data.transforms import Normalize, TrainTransform
+
+
+def _crop_scale_ok(v: tuple[float, float]) -> tuple[float, float]:
+    if not 0.0 < v[0] <= v[1] <= 1.0:
+        raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {v}")
+    return v
+
+
+# a RandomResizedCrop area range as a config field type (methods that request views expose one)
+CropScale = Annotated[tuple[float, float], AfterValidator(_crop_scale_ok)]
 
 VIEW_STREAM = 0x56494557  # "VIEW": photometric draws; crops use the transform's own stream
 _LUMA = (0.299, 0.587, 0.114)
@@ -32,7 +43,7 @@ class ViewSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range")
+    crop_scale: CropScale = Field((0.2, 1.0), description="RandomResizedCrop area range")
     hflip: bool = True
     jitter_p: float = Field(0.0, ge=0, le=1, description="probability of colour jitter")
     brightness: float = Field(0.4, ge=0)

@@ -32,6 +32,7 @@ from mimkit.masking.block import BlockMasking
 from mimkit.methods.base import Method
 from mimkit.models import VisionTransformer
 from mimkit.models.aggregation_head import PatchAggregationHead, early_layer_index
+from mimkit.targets.teacher import data_stats
 
 
 class BEiTv2Config(MethodSection):
@@ -89,11 +90,9 @@ class BEiTv2(Method):
     def from_config(cls, method: BEiTv2Config, model: ModelConfig, img_size, in_chans: int, data=None) -> "BEiTv2":
         from mimkit.methods.vqkd import load_tokenizer
 
-        if data is None or data.mean is None or data.std is None:
-            raise ValueError("BEiT v2 feeds the images to its tokenizer and needs the data's mean/std "
-                             "(data.mean, data.std): pass the run's resolved DataConfig as `data`")
+        mean, std = data_stats(data, "BEiT v2")
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
-        return cls(encoder, load_tokenizer(method.tokenizer), data.mean, data.std, method)
+        return cls(encoder, load_tokenizer(method.tokenizer), mean, std, method)
 
     @property
     def tokenizer(self):

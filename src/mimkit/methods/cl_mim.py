@@ -23,11 +23,11 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from mimkit.collapse import mean_pairwise_cosine
 from mimkit.config import ModelConfig
-from mimkit.data.views import ViewSpec, byol_views, views_of
+from mimkit.data.views import CropScale, ViewSpec, byol_views, views_of
 from mimkit.masking import SwappableMaskSettings
 from mimkit.methods.simmim import SimMIM
 from mimkit.models import VisionTransformer
@@ -50,16 +50,9 @@ class CLMIMConfig(SwappableMaskSettings):
     proj_depth: int = Field(3, ge=1, description="Linear layers of the projector (MoCo v3 ViT: 3)")
     pred_depth: int = Field(2, ge=1, description="Linear layers of the predictor (MoCo v3: 2)")
     teacher: EMASchedule = schedule_field("cosine", 0.99, 1.0)
-    crop_scale: tuple[float, float] = Field(
+    crop_scale: CropScale = Field(
         (0.2, 1.0), description="RandomResizedCrop area range of both views (MoCo v3: 0.08-1; SimMIM alone: "
                                 "0.67-1). At 28 px a 0.08 crop is 2x2 patches, too little to reconstruct from")
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 < v[0] <= v[1] <= 1.0:
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {v}")
-        return v
 
 
 class CLMIM(SimMIM):

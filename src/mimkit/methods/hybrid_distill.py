@@ -39,7 +39,7 @@ from mimkit.masking import Mask
 from mimkit.methods.base import Method
 from mimkit.models import VisionTransformer
 from mimkit.models.vit import block_at
-from mimkit.targets.teacher import FrozenTeacher, TeacherConfig
+from mimkit.targets.teacher import FrozenTeacher, TeacherConfig, data_stats
 
 
 class HybridDistillConfig(MethodSection):
@@ -112,13 +112,11 @@ class HybridDistill(Method):
     @classmethod
     def from_config(cls, method: HybridDistillConfig, model: ModelConfig, img_size, in_chans: int,
                     data=None) -> "HybridDistill":
-        if data is None or data.mean is None or data.std is None:
-            raise ValueError("Hybrid Distillation feeds the images to frozen teachers and needs the data's mean/std "
-                             "(data.mean, data.std): pass the run's resolved DataConfig as `data`")
+        mean, std = data_stats(data, "Hybrid Distillation")
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
         grid = encoder.grid.shape
-        mim = FrozenTeacher.from_config(method.mim_teacher, grid, data.mean, data.std)
-        feat = FrozenTeacher.from_config(method.feature_teacher, grid, data.mean, data.std)
+        mim = FrozenTeacher.from_config(method.mim_teacher, grid, mean, std)
+        feat = FrozenTeacher.from_config(method.feature_teacher, grid, mean, std)
         return cls(encoder, mim, feat, method.relation_layers, method.relation_loss, method.feature_loss,
                    method.max_drop, method.alpha, method.beta)
 

@@ -22,12 +22,12 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from mimkit import rng
 from mimkit.collapse import mean_pairwise_cosine
 from mimkit.config import MethodSection, ModelConfig
-from mimkit.data.views import ViewSpec, views_of
+from mimkit.data.views import CropScale, ViewSpec, views_of
 from mimkit.losses import masked_mse
 from mimkit.masking import Mask, mask_from_noise
 from mimkit.methods.base import Method, Reconstruction
@@ -55,7 +55,7 @@ class LUTConfig(MethodSection):
     head_depth: int = Field(2, ge=1, description="Linear layers of the projector (head)")
     pred_depth: int = Field(2, ge=1, description="Linear layers of the predictor")
     teacher: EMASchedule = schedule_field("cosine", 0.996, 1.0)
-    crop_scale: tuple[float, float] = Field(
+    crop_scale: CropScale = Field(
         (0.75, 1.0), description="RandomResizedCrop area range of both views. The reference's views are Resize + "
                                  "RandomCrop(pad 4, reflect): a shift, no zoom; at 28-32 px a 4-px shift keeps "
                                  ">= ~77% of the image, hence (0.75, 1)")
@@ -65,13 +65,6 @@ class LUTConfig(MethodSection):
                                    description="view 2: probability of each of grayscale, solarise and blur (the "
                                                "reference applies exactly one of the three; independent draws "
                                                "of 1/3 each keep each one's frequency)")
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 < v[0] <= v[1] <= 1.0:
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {v}")
-        return v
 
 
 def disjoint_masks(noise: torch.Tensor, ratio: float) -> tuple[Mask, Mask]:

@@ -36,7 +36,7 @@ from mimkit.config import MethodSection, ModelConfig
 from mimkit.methods.base import Method
 from mimkit.models import VisionTransformer
 from mimkit.models.vit import init_mae_weights
-from mimkit.targets.teacher import FrozenTeacher, TeacherConfig
+from mimkit.targets.teacher import FrozenTeacher, TeacherConfig, data_stats
 from mimkit.targets.vq import EMACosineQuantizer
 
 
@@ -90,13 +90,11 @@ class VQKD(Method):
 
     @classmethod
     def from_config(cls, method: VQKDConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "VQKD":
-        if data is None or data.mean is None or data.std is None:
-            raise ValueError("VQ-KD feeds the images to a frozen teacher and needs the data's mean/std "
-                             "(data.mean, data.std): pass the run's resolved DataConfig as `data`")
+        mean, std = data_stats(data, "VQ-KD")
         if len(method.teacher.layers) != 1:
             raise ValueError(f"VQ-KD reconstructs one teacher layer; method.teacher.layers={method.teacher.layers}")
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
-        teacher = FrozenTeacher.from_config(method.teacher, encoder.grid.shape, data.mean, data.std)
+        teacher = FrozenTeacher.from_config(method.teacher, encoder.grid.shape, mean, std)
         depth = method.decoder_depth or model.decoder_depth or 3
         return cls(encoder, teacher, method, depth)
 

@@ -232,3 +232,13 @@ def teacher_fields(config_class) -> list[str]:
     """Names of a method config's frozen-teacher fields (TeacherConfig-typed, e.g. "teacher", or Hybrid
     Distillation's "mim_teacher" and "feature_teacher"): what `method.<field>.source=...` must set."""
     return [name for name, field in config_class.model_fields.items() if field.annotation is TeacherConfig]
+
+
+def data_stats(data, who: str) -> tuple[list[float], list[float]]:
+    """(mean, std) of the run's data section, which a method that shows the images to a frozen model (a teacher,
+    a tokenizer) needs to convert them to that model's normalisation; a clear error without them."""
+    if data is None or data.mean is None or data.std is None:
+        raise ValueError(f"{who} shows the images to a frozen teacher or tokenizer and needs the data's mean/std "
+                         "(data.mean, data.std): the trainer resolves them; pass the run's DataConfig as `data` "
+                         "when building the method by hand")
+    return list(data.mean), list(data.std)
