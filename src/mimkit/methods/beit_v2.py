@@ -32,7 +32,7 @@ from mimkit.masking.block import BlockMasking
 from mimkit.methods.base import Method
 from mimkit.models import VisionTransformer
 from mimkit.models.aggregation_head import PatchAggregationHead, early_layer_index
-from mimkit.targets.teacher import data_stats
+from mimkit.targets.teacher import data_stats, renormalisation
 
 
 class BEiTv2Config(MethodSection):
@@ -60,16 +60,13 @@ class BEiTv2(Method):
         # frozen and hidden from the module tree: no parameters for the optimizer, nothing in the state_dict
         object.__setattr__(self, "_tokenizer", tokenizer.eval().requires_grad_(False))
         self.num_codes = int(tokenizer.num_codes)
-        t_mean = torch.tensor(tokenizer.data_mean, dtype=torch.float32)
-        t_std = torch.tensor(tokenizer.data_std, dtype=torch.float32)
-        d_mean = torch.as_tensor(list(data_mean), dtype=torch.float32)
-        d_std = torch.as_tensor(list(data_std), dtype=torch.float32)
-        if len(t_mean) != len(d_mean):
-            raise ValueError(f"method.tokenizer={cfg.tokenizer!r} was trained on {len(t_mean)}-channel images, "
-                             f"this run's have {len(d_mean)}")
-        # the tokenizer's input: x_tok = (x * d_std + d_mean - t_mean) / t_std (identity when both runs agree)
-        self.register_buffer("tok_scale", (d_std / t_std).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("tok_shift", ((d_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
+        if len(tokenizer.data_mean) != len(list(data_mean)):
+            raise ValueError(f"method.tokenizer={cfg.tokenizer!r} was trained on {len(tokenizer.data_mean)}-channel "
+                             f"images, this run's have {len(list(data_mean))}")
+        # the tokenizer's input in its own run's normalisation (identity when both runs agree)
+        scale, shift = renormalisation(data_mean, data_std, tokenizer.data_mean, tokenizer.data_std)
+        self.register_buffer("tok_scale", scale, persistent=False)
+        self.register_buffer("tok_shift", shift, persistent=False)
         self.tok_size = tuple(tokenizer.grid.img_size)
         d = encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
@@ -80,10 +77,7 @@ class BEiTv2(Method):
         self.masking = BlockMasking(cfg.mask_ratio, cfg.block_min_area, exact=True)
         self.aggregation = None
         if cfg.head_layers:
-            depth = encoder.depth
-            # None: 3/4 of the depth, kept below the last block (a 2-block test encoder reads block 1)
-            early = cfg.early_layers if cfg.early_layers is not None else min(max(1, round(0.75 * depth)), depth - 1)
-            self.early = early_layer_index(early, depth)
+            self.early = early_layer_index(cfg.early_layers, encoder.depth)
             self.aggregation = PatchAggregationHead.for_encoder(encoder, cfg.head_layers)
 
     @classmethod

@@ -2,7 +2,8 @@
 
 MaskAlign, BEiT v2's VQ-KD, DTM, Hybrid Distillation and the MIM-from-CLIP family read features of a frozen,
 usually bigger, model. `method.teacher.source=<spec>` names it (any spec `mimkit.eval.encoders.load_encoder`
-takes: a mimkit checkpoint or run folder, `timm:<name>` / `timm:local-dir:<folder>`, `hf:<folder or cached hub name>`, `open_clip:...`; see docs/teachers.md), with
+takes: a mimkit checkpoint or run folder, `timm:<name>` / `timm:local-dir:<folder>`, `hf:<folder or cached hub
+name>`, `open_clip:...`; see docs/teachers.md), with
 `layers` to read and a per-token `norm`. The teacher sees the same images as the student, converted:
 
 1. from the data's normalisation to the teacher's (its own mean/std; grey images repeat to RGB in the adapter);
@@ -24,6 +25,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+
+
+def renormalisation(data_mean, data_std, model_mean, model_std, grey_repeats: bool = False):
+    """(scale, shift), each [1, C, 1, 1], with x_model = x * scale + shift = (x * d_std + d_mean - m_mean) / m_std:
+    images normalised with the data's statistics, seen in a frozen model's own normalisation. With
+    `grey_repeats`, grey images for an RGB model use the model's channel-averaged statistics (the adapter
+    repeats the grey channel)."""
+    m_mean, m_std = (torch.tensor(list(v), dtype=torch.float32) for v in (model_mean, model_std))
+    d_mean, d_std = (torch.tensor(list(v), dtype=torch.float32) for v in (data_mean, data_std))
+    if len(m_mean) != len(d_mean):
+        if not (grey_repeats and len(d_mean) == 1):
+            raise ValueError(f"the images have {len(d_mean)} channels but the model takes {len(m_mean)}")
+        m_mean, m_std = m_mean.mean(0, keepdim=True), m_std.mean(0, keepdim=True)
+    return (d_std / m_std).view(1, -1, 1, 1), ((d_mean - m_mean) / m_std).view(1, -1, 1, 1)
 
 
 class TeacherConfig(BaseModel):
@@ -57,17 +72,9 @@ class FrozenTeacher(nn.Module):
         self.layers, self.norm, self.drop_cls = list(layers), norm, drop_cls
         self.depth, self.embed_dim = int(loaded.encoder.depth), int(loaded.encoder.embed_dim)
         self._encoder._layer_ids(self.layers)  # out-of-range layers fail here, naming the layers
-        t_mean = torch.tensor(loaded.mean, dtype=torch.float32)
-        t_std = torch.tensor(loaded.std, dtype=torch.float32)
-        d_mean = torch.as_tensor(list(data_mean), dtype=torch.float32)
-        d_std = torch.as_tensor(list(data_std), dtype=torch.float32)
-        if len(t_mean) != len(d_mean):
-            if len(d_mean) != 1:
-                raise ValueError(f"the images have {len(d_mean)} channels but the teacher takes {len(t_mean)}")
-            t_mean, t_std = t_mean.mean(0, keepdim=True), t_std.mean(0, keepdim=True)  # repeated grey channel
-        # x_teacher = (x * d_std + d_mean - t_mean) / t_std = x * scale + shift
-        self.register_buffer("scale", (d_std / t_std).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("shift", ((d_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
+        scale, shift = renormalisation(data_mean, data_std, loaded.mean, loaded.std, grey_repeats=True)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
 
     @classmethod
     def from_config(cls, cfg: TeacherConfig, student_grid, data_mean, data_std) -> "FrozenTeacher":
