@@ -70,6 +70,25 @@ def test_loss_is_cross_entropy_on_hidden_patches_only(vqkd_checkpoint):
         assert torch.allclose(m(b)["loss"], out["loss"], atol=1e-6)
 
 
+def test_tokenizer_loads_without_its_teacher_and_codes_like_the_trained_vqkd(vqkd_checkpoint, tmp_path):
+    """The teacher trained the tokenizer; using it needs only encoder, code projection and codebook."""
+    from mimkit.engine.checkpoint import load_checkpoint, method_from_checkpoint
+    from mimkit.methods.vqkd import load_tokenizer
+
+    ckpt = load_checkpoint(vqkd_checkpoint)
+    ckpt["config"]["method"]["teacher"]["source"] = str(tmp_path / "moved_away.ckpt")
+    moved = tmp_path / "vqkd_teacher_gone.ckpt"
+    torch.save(ckpt, moved)
+    tok = load_tokenizer(moved)
+    assert not any(k.startswith(("decoder.", "decode_task.")) for k in tok.state_dict())
+    trained = method_from_checkpoint(vqkd_checkpoint)[0]
+    images = batch()["image"]
+    assert torch.equal(tok.tokenize(images), trained.tokenize(images))
+    assert torch.equal(tok.quantizer.codebook, trained.quantizer.codebook)
+    m = beit_v2(moved)
+    assert torch.equal(m.targets(images), trained.tokenize(images))
+
+
 def test_not_a_vqkd_run_is_refused_by_name(teacher_checkpoint):
     with pytest.raises(ValueError, match="not a VQ-KD tokenizer"):
         beit_v2(teacher_checkpoint)

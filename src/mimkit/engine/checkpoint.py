@@ -147,7 +147,7 @@ def method_from_checkpoint(path: str | Path):
     """(method, config, checkpoint dict) with the method's weights loaded, on the CPU, in eval mode."""
     from mimkit.methods import build_method
 
-    ckpt, cfg, img_size, channels = _read_run(path)
+    ckpt, cfg, img_size, channels = read_run(path)
     method = build_method(cfg, img_size, channels)
     load_state_strict(method, ckpt["model"], str(path))
     method.eval()
@@ -161,7 +161,7 @@ def encoder_from_checkpoint(path: str | Path):
     loaded. Falls back to the whole method when its encoder is not the model section's plain one."""
     from mimkit.models.cnn import build_encoder
 
-    ckpt, cfg, img_size, channels = _read_run(path)
+    ckpt, cfg, img_size, channels = read_run(path)
     encoder = build_encoder(cfg.model, img_size, channels)
     state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     try:
@@ -171,7 +171,7 @@ def encoder_from_checkpoint(path: str | Path):
     return encoder.eval(), cfg, ckpt
 
 
-def _read_run(path: str | Path):
+def read_run(path: str | Path):
     """(checkpoint, PretrainConfig, img_size, channels) of a mimkit checkpoint, with clear errors."""
     from mimkit.config import ConfigError, PretrainConfig, build_config
 

@@ -9,8 +9,9 @@ tokenizer (methods/vqkd.py, stage 1), plus a patch-aggregation branch that route
 norm (the encoder's final LayerNorm) and lm_head are shared by both terms; the aggregation blocks are dropped
 after pretraining (they are not part of `encoder`).
 
-`method.tokenizer` names a vqkd run folder or checkpoint (`mimkit tokenizer fit` writes one). It is loaded
-frozen and kept out of the state_dict and the optimizer (like targets.teacher.FrozenTeacher): a BEiT v2
+`method.tokenizer` names a vqkd run folder or checkpoint (`mimkit tokenizer fit` writes one). Its encoder, code
+projection and codebook are loaded frozen (methods.vqkd.load_tokenizer: the teacher that trained it is not
+needed) and kept out of the state_dict and the optimizer (like targets.teacher.FrozenTeacher): a BEiT v2
 checkpoint holds the student only and rebuilds the tokenizer from that path when loaded.
 
 Deviations: mimkit's ViT has no layer-scale and no shared relative position bias (absolute sin-cos instead);

@@ -69,7 +69,34 @@ def task_layer(dim_in: int, dim_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim_in, dim_in), nn.Tanh(), nn.Linear(dim_in, dim_out))
 
 
-class VQKD(Method):
+def make_quantizer(cfg: VQKDConfig) -> EMACosineQuantizer:
+    return EMACosineQuantizer(cfg.num_codes, cfg.code_dim, cfg.decay, cfg.beta, cfg.kmeans_iters, cfg.usage_window,
+                              dead_after=cfg.dead_after)
+
+
+class PatchCoding:
+    """The tokenizer half of VQ-KD: images -> code-space vectors -> codes. Shared by the trainable method (VQKD)
+    and the frozen tokenizer a later run loads (VQKDTokenizer), which needs neither decoder nor teacher."""
+
+    encoder: VisionTransformer
+    encode_task: nn.Module
+    quantizer: EMACosineQuantizer
+
+    @property
+    def num_codes(self) -> int:
+        return self.quantizer.num_codes
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Unnormalised code-space vectors z [B, N, code_dim] of the patches (the quantiser normalises)."""
+        return self.encode_task(self.encoder(images)[:, 1:])
+
+    @torch.no_grad()
+    def tokenize(self, images: torch.Tensor) -> torch.Tensor:
+        """Long[B, N]: each patch's code (nearest by cosine; the codebook does not move)."""
+        return self.quantizer.codes(self.encode(images))
+
+
+class VQKD(PatchCoding, Method):
     config_class = VQKDConfig
 
     def __init__(self, encoder: VisionTransformer, teacher: FrozenTeacher, cfg: VQKDConfig, decoder_depth: int = 3):
@@ -79,8 +106,7 @@ class VQKD(Method):
         self.teacher = teacher  # frozen, outside the state_dict (targets.teacher)
         d = encoder.embed_dim
         self.encode_task = task_layer(d, cfg.code_dim)
-        self.quantizer = EMACosineQuantizer(cfg.num_codes, cfg.code_dim, cfg.decay, cfg.beta, cfg.kmeans_iters,
-                                            cfg.usage_window, dead_after=cfg.dead_after)
+        self.quantizer = make_quantizer(cfg)
         # BEiT v2's decoder: a ViT whose "image" is the [code_dim, gh, gw] map of quantised codes (patch size 1)
         self.decoder = VisionTransformer(self.grid.shape, 1, cfg.code_dim, d, decoder_depth, encoder.num_heads,
                                          encoder.mlp_ratio, timm_name=encoder.timm_name)
@@ -97,19 +123,6 @@ class VQKD(Method):
         teacher = FrozenTeacher.from_config(method.teacher, encoder.grid.shape, mean, std)
         depth = method.decoder_depth or model.decoder_depth or 3
         return cls(encoder, teacher, method, depth)
-
-    @property
-    def num_codes(self) -> int:
-        return self.quantizer.num_codes
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Unnormalised code-space vectors z [B, N, code_dim] of the patches (the quantiser normalises)."""
-        return self.encode_task(self.encoder(images)[:, 1:])
-
-    @torch.no_grad()
-    def tokenize(self, images: torch.Tensor) -> torch.Tensor:
-        """Long[B, N]: each patch's code (nearest by cosine; the codebook does not move)."""
-        return self.quantizer.codes(self.encode(images))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """Teacher-width reconstructions [B, N, D_t] from quantised codes [B, N, code_dim]."""
@@ -146,28 +159,45 @@ class VQKD(Method):
 
 # ---- loading a trained tokenizer (BEiT v2's stage 2) -----------------------------------------------------------
 
-def load_tokenizer(path: str | Path) -> VQKD:
-    """The VQ-KD of a run folder or checkpoint, in eval mode with its codebook fitted, with `data_mean`/`data_std`
-    of its run. Loading rebuilds the run's method, so its teacher (`method.teacher.source` of that run) must
-    still be where it was."""
-    from mimkit.engine.checkpoint import find_checkpoint, load_checkpoint, method_from_checkpoint
+class VQKDTokenizer(PatchCoding, nn.Module):
+    """A trained VQ-KD's encoder, code projection and codebook, frozen: what BEiT v2 predicts. `data_mean` /
+    `data_std` are the normalisation of the run it was trained on (to convert another run's images)."""
+
+    def __init__(self, encoder: VisionTransformer, cfg: VQKDConfig, data_mean, data_std):
+        super().__init__()
+        self.encoder = encoder
+        self.grid = encoder.grid
+        self.encode_task = task_layer(encoder.embed_dim, cfg.code_dim)
+        self.quantizer = make_quantizer(cfg)
+        self.data_mean, self.data_std = list(data_mean), list(data_std)
+
+
+TOKENIZER_PARTS = ("encoder.", "encode_task.", "quantizer.")
+
+
+def load_tokenizer(path: str | Path) -> VQKDTokenizer:
+    """The tokenizer of a vqkd run folder or checkpoint, in eval mode, frozen, with its codebook fitted. Only the
+    parts that turn images into codes are built and loaded: the run's teacher and decoder were needed to train
+    it, not to use it, so the teacher may have moved or be gone."""
+    from mimkit.engine.checkpoint import find_checkpoint, load_state_strict, read_run
 
     ckpt_path = find_checkpoint(path)
-    name = (load_checkpoint(ckpt_path).get("config") or {}).get("method", {}).get("name")
-    if name != "vqkd":
-        raise ValueError(f"method.tokenizer={str(path)!r}: {ckpt_path} is a {name!r} run, not a VQ-KD tokenizer; "
-                         "train one with `mimkit tokenizer fit method.teacher.source=<teacher run>`")
-    method, _, ckpt = method_from_checkpoint(ckpt_path)
-    # the normalisation its encoder was trained with, to convert another run's images
-    method.data_mean, method.data_std = list(ckpt["data"]["mean"]), list(ckpt["data"]["std"])
-    if not bool(method.quantizer.initialised):
+    ckpt, cfg, img_size, channels = read_run(ckpt_path)
+    if cfg.method.name != "vqkd":
+        raise ValueError(f"method.tokenizer={str(path)!r}: {ckpt_path} is a {cfg.method.name!r} run, not a VQ-KD "
+                         "tokenizer; train one with `mimkit tokenizer fit method.teacher.source=<teacher run>`")
+    tokenizer = VQKDTokenizer(VisionTransformer.from_config(cfg.model, img_size, channels), cfg.method,
+                              ckpt["data"]["mean"], ckpt["data"]["std"])
+    state = {k: v for k, v in ckpt["model"].items() if k.startswith(TOKENIZER_PARTS)}
+    load_state_strict(tokenizer, state, str(ckpt_path))
+    if not bool(tokenizer.quantizer.initialised):
         raise ValueError(f"method.tokenizer={str(path)!r}: the codebook in {ckpt_path} was never initialised "
                          "(a run saved before its first training step)")
-    return method.eval().requires_grad_(False)
+    return tokenizer.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def codebook_usage(method: VQKD, dataset, batch_size: int = 256, device: str | torch.device = "cpu") -> dict:
+def codebook_usage(method: PatchCoding, dataset, batch_size: int = 256, device: str | torch.device = "cpu") -> dict:
     """Codes of every patch of `dataset` (items {"image": ...}): fraction of the codebook used and perplexity."""
     from torch.utils.data import DataLoader
 
