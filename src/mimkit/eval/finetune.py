@@ -38,12 +38,26 @@ class Classifier(nn.Module):
         return self.head(self.fc_norm(x))
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """Layer ids for timm's layer decay: embeddings first, one per block, final norm with the last block."""
+        """Layer ids for timm's layer decay: embeddings first, one per block, the final norm (and a CLIP
+        projection) with the last block, the classifier last. Names of every encoder kind eval.encoders loads:
+        mimkit and timm ViTs (`blocks.i`), transformers ViT (`layers.i`; `encoder.layer.i` before transformers 5),
+        DINOv2 (`encoder.layer.i`), CLIP / SigLIP
+        (`encoder.layers.i`, under `vision_model.` in a CLIP with projection), open_clip (`visual.transformer.
+        resblocks.i`). tests/eval/test_finetune_layer_decay.py checks each against the model's own blocks."""
+        tower = r"^encoder\.model\.(?:vision_model\.|visual\.)?"
         return dict(
-            stem=r"^encoder\.model\.(?:cls_token|pos_embed|patch_embed|embeddings)",
-            blocks=[(r"^encoder\.model\.(?:blocks|encoder\.layer)\.(\d+)", None),
-                    (r"^encoder\.model\.(?:norm|layernorm)", (99999,))],
+            stem=tower + r"(?:cls_token|reg_token|pos_embed|patch_embed|embeddings|pre_layrnorm|class_embedding|"
+                         r"positional_embedding|conv1|ln_pre)",
+            blocks=[(tower + r"(?:blocks|layers|encoder\.layers?|transformer\.resblocks)\.(\d+)\.", None),
+                    (tower + r"(?:norm|layernorm|post_layernorm|ln_post|proj|head)\b", (99999,)),
+                    (r"^encoder\.model\.visual_projection\.", (99999,))],
         )
+
+
+# tokens and position tables (biases and norms are 1-D, which timm already spares): timm and mimkit, DINOv2,
+# transformers CLIP / SigLIP (an nn.Embedding), open_clip
+NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "reg_token", "mask_token", "position_embeddings",
+                   "position_embedding.weight", "class_embedding", "positional_embedding")
 
 
 def set_drop_path(encoder: nn.Module, rate: float) -> int:
@@ -60,7 +74,7 @@ def set_drop_path(encoder: nn.Module, rate: float) -> int:
 
 def random_init(encoder: nn.Module) -> nn.Module:
     """A copy of the (wrapped) encoder with the same architecture and freshly initialised weights."""
-    from mimkit.eval.encoders import HFEncoder, MimkitEncoder, TimmEncoder
+    from mimkit.eval.encoders import HFEncoder, MimkitEncoder, OpenClipEncoder, TimmEncoder
     from mimkit.models.vit import VisionTransformer
 
     enc = copy.deepcopy(encoder)
@@ -72,9 +86,27 @@ def random_init(encoder: nn.Module) -> nn.Module:
         enc.model.init_weights()
     elif isinstance(enc, HFEncoder):
         enc.model.apply(enc.model._init_weights)
+    elif isinstance(enc, OpenClipEncoder):
+        _reinit_open_clip(enc.model.visual)
     else:
         raise TypeError(f"cannot re-initialise a {type(enc).__name__}")
     return enc
+
+
+def _reinit_open_clip(visual: nn.Module) -> None:
+    """open_clip's image tower as its constructor leaves it: each layer's own default init, and the class token,
+    position table and projection drawn from N(0, width^-1)."""
+    for m in visual.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            m._reset_parameters()  # its public name is missing; in_proj_weight is the MHA's own
+        elif m is not visual and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    with torch.no_grad():
+        scale = visual.class_embedding.shape[-1] ** -0.5
+        for name in ("class_embedding", "positional_embedding", "proj"):
+            p = getattr(visual, name, None)
+            if isinstance(p, nn.Parameter):
+                p.copy_(torch.randn_like(p) * scale)
 
 
 def _accuracy(model: nn.Module, loader, device) -> float:
@@ -124,7 +156,7 @@ def finetune(encoder: nn.Module, train_data, test_data, num_classes: int, *, fro
     steps = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
 
     lr = blr * bs / 256
-    no_wd = [n for n, _ in model.named_parameters() if n.endswith(("cls_token", "pos_embed", "reg_token"))]
+    no_wd = [n for n, _ in model.named_parameters() if n.endswith(NO_WEIGHT_DECAY)]
     groups = param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_wd, layer_decay=layer_decay)
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     sched = CosineLRScheduler(opt, t_initial=steps, lr_min=1e-6, warmup_t=max(1, int(warmup_fraction * steps)),
