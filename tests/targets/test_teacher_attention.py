@@ -78,17 +78,3 @@ def test_a_timm_teacher_gives_its_attention():
     (feat,), (attn,) = t.forward_with_attention(x, [-1])
     assert torch.allclose(feat, t.features(x)[0], atol=1e-5)
     assert torch.allclose(attn, attention_maps(model, x, [-1])[0], atol=1e-5)
-
-
-def test_a_hugging_face_teacher_is_refused_by_name():
-    from transformers import ViTConfig, ViTModel
-
-    from mimkit.eval.encoders import HFEncoder, LoadedEncoder
-
-    conf = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=24, num_hidden_layers=1,
-                     num_attention_heads=3, intermediate_size=48)
-    model = ViTModel(conf, add_pooling_layer=False).eval()
-    t = FrozenTeacher(LoadedEncoder(HFEncoder(model, 3, 1, 24), (16, 16), 3, [0.5] * 3, [0.25] * 3),
-                      (4, 4), [0.5] * 3, [0.25] * 3)
-    with pytest.raises(ValueError, match="Hugging Face"):
-        t.forward_with_attention(torch.randn(1, 3, 16, 16), [-1])

@@ -2,8 +2,10 @@
 
 `load_encoder(spec)` -> `LoadedEncoder(encoder, img_size, channels, mean, std)` (unpacks as a 5-tuple), where
 `encoder(images)` gives tokens [B, 1 + N, D] (class token first; the mean patch token for models without one),
-`encoder.forward_layers(images, layers)` the tokens after chosen blocks (before the final norm), and
-`encoder.depth` / `encoder.embed_dim` / `encoder.grid_size` describe it. Specs (docs/teachers.md):
+`encoder.forward_layers(images, layers)` the tokens after chosen blocks (before the final norm),
+`encoder.forward_layers_with_attention(images, layers, attention_layers)` those tokens and the chosen blocks'
+attention probabilities from the same pass, and `encoder.depth` / `encoder.embed_dim` / `encoder.grid_size` /
+`encoder.has_cls` / `encoder.num_prefix` describe it. Specs (docs/teachers.md):
 
 * a mimkit checkpoint file or run folder;
 * `timm:<name>` (pretrained weights must already be in the local cache) or `timm:local-dir:<folder>`
@@ -23,12 +25,14 @@ Single-channel images are repeated to 3 channels when the encoder wants RGB.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mimkit.engine.checkpoint import CheckpointError
 from mimkit.models.patch import PatchGrid
@@ -53,12 +57,193 @@ class LoadedEncoder(NamedTuple):
     std: list[float]
 
 
+# Reading attention: per block, the module whose input holds the block's queries and keys, and a function
+# recomputing softmax(q k^T * scale) from that input (the positional and keyword arguments of its call), so a
+# forward pre-hook reads the probabilities while the model itself keeps its fused attention kernel.
+AttentionReader = tuple[nn.Module, Callable[[tuple, dict], torch.Tensor]]
+
+
+def attention_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+                      true_blocks: bool = False) -> torch.Tensor:
+    """softmax(q k^T * scale (+ mask)) -> [B, H, T_q, T_k] float32, from q [B, H, T_q, Dh] and k [B, H, T_k, Dh].
+
+    A float mask is added to the logits; a boolean one marks the keys a query may see (scaled_dot_product_attention,
+    transformers) or, with `true_blocks`, those it may not (nn.MultiheadAttention, open_clip). A 3-D mask is
+    [B * H, T_q, T_k] (nn.MultiheadAttention's layout)."""
+    return _masked(_logits(q, k, scale), mask, true_blocks).softmax(dim=-1)
+
+
+def _logits(q: torch.Tensor, k: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """q k^T * scale in float32, also inside an autocast region (which would run the product in half precision)."""
+    with torch.autocast(q.device.type, enabled=False):
+        return (q.float() * scale) @ k.float().transpose(-2, -1)
+
+
+def _masked(logits: torch.Tensor, mask: torch.Tensor | None, true_blocks: bool) -> torch.Tensor:
+    if mask is None:
+        return logits
+    m = mask.to(logits.device)
+    if m.ndim == 3:
+        m = m.reshape(logits.shape)
+    if m.dtype == torch.bool:
+        return logits.masked_fill(m if true_blocks else ~m, float("-inf"))
+    return logits + m.float()
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, H * Dh] -> [B, H, T, Dh]."""
+    return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def _bound(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A call's arguments by parameter name (positional ones included)."""
+    return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+
+
+def timm_attention_reader(attn: nn.Module, who: str) -> AttentionReader:
+    """timm's `Attention` (mimkit and timm ViTs: fused `qkv`, optional q/k norms): probabilities from its input x."""
+    from timm.layers import Attention
+
+    from mimkit.eval.analysis import _attention_probs
+
+    if not isinstance(attn, Attention):
+        raise ValueError(f"cannot read the attention of teacher {who}: its blocks use {type(attn).__name__} "
+                         "(relative position bias, rope or another variant); attention is read from timm's "
+                         "plain `Attention`, transformers ViT/ViTMAE/CLIP/SigLIP/DINOv2 and open_clip towers")
+
+    def read(args: tuple, kwargs: dict) -> torch.Tensor:
+        x = args[0] if args else kwargs["x"]
+        if kwargs.get("is_causal"):
+            raise ValueError(f"teacher {who}: causal attention is not read")
+        return _attention_probs(attn, x, kwargs.get("attn_mask"))
+
+    return attn, read
+
+
+def hf_attention_reader(layer: nn.Module, who: str) -> AttentionReader:
+    """A transformers encoder layer's self-attention (ViT/ViTMAE/DINOv2 `attention`, CLIP/SigLIP `self_attn`):
+    the first submodule with q/k projections (`q_proj`/`k_proj`, or `query`/`key` in older versions), read from
+    its `hidden_states` (already through the layer's pre-norm) with its `attention_mask`, if any."""
+    for attn in layer.modules():
+        names = next(((q, k) for q, k in (("q_proj", "k_proj"), ("query", "key"))
+                      if all(isinstance(getattr(attn, n, None), nn.Linear) for n in (q, k))), None)
+        if names is not None:
+            break
+    else:
+        raise ValueError(f"cannot read the attention of teacher {who}: no q/k projections in {type(layer).__name__}")
+    q_proj, k_proj = getattr(attn, names[0]), getattr(attn, names[1])
+    heads = int(getattr(attn, "num_heads", None) or getattr(attn, "num_attention_heads"))
+    head_dim = int(getattr(attn, "head_dim", None) or getattr(attn, "attention_head_size", None)
+                   or q_proj.out_features // heads)
+    scale = next((float(v) for v in (getattr(attn, "scaling", None), getattr(attn, "scale", None))
+                  if isinstance(v, (int, float))), head_dim ** -0.5)
+
+    def read(args: tuple, kwargs: dict) -> torch.Tensor:
+        bound = _bound(attn, args, kwargs)
+        x = bound.get("hidden_states", args[0] if args else None)
+        q, k = _heads(q_proj(x), heads), _heads(k_proj(x), heads)
+        return attention_from_qk(q, k, scale, bound.get("attention_mask"))
+
+    return attn, read
+
+
+def open_clip_attention_reader(attn: nn.Module, who: str) -> AttentionReader:
+    """An open_clip residual block's `attn`: torch's nn.MultiheadAttention (`in_proj_weight`/`in_proj_bias`,
+    batch-first or sequence-first) or open_clip's own `Attention` (batch-first; optional q/k LayerNorms or scaled
+    cosine attention)."""
+    if isinstance(attn, nn.MultiheadAttention):
+        if attn.bias_k is not None:
+            raise ValueError(f"cannot read the attention of teacher {who}: nn.MultiheadAttention with add_bias_kv")
+        heads = attn.num_heads
+        scale = attn.head_dim ** -0.5
+
+        def read(args: tuple, kwargs: dict) -> torch.Tensor:
+            bound = _bound(attn, args, kwargs)
+            query, key = bound["query"], bound["key"]
+            if not attn.batch_first:
+                query, key = query.transpose(0, 1), key.transpose(0, 1)
+            if attn._qkv_same_embed_dim:
+                w_q, w_k, _ = attn.in_proj_weight.chunk(3)
+            else:
+                w_q, w_k = attn.q_proj_weight, attn.k_proj_weight
+            b_q, b_k = attn.in_proj_bias.chunk(3)[:2] if attn.in_proj_bias is not None else (None, None)
+            q, k = _heads(F.linear(query, w_q, b_q), heads), _heads(F.linear(key, w_k, b_k), heads)
+            logits = _masked(_logits(q, k, scale), bound.get("attn_mask"), true_blocks=True)
+            pad = bound.get("key_padding_mask")
+            if pad is not None:
+                pad = pad[:, None, None, :].expand(logits.shape)
+                logits = _masked(logits, pad, true_blocks=pad.dtype == torch.bool)
+            return logits.softmax(dim=-1)
+
+        return attn, read
+    if all(hasattr(attn, a) for a in ("in_proj_weight", "num_heads", "head_dim", "scale", "ln_q", "ln_k")):
+        heads = attn.num_heads
+
+        def read(args: tuple, kwargs: dict) -> torch.Tensor:
+            x = args[0] if args else kwargs["x"]
+            q, k, _ = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+            q, k = _heads(q, heads), _heads(k, heads)
+            mask = args[1] if len(args) > 1 else kwargs.get("attn_mask")
+            if getattr(attn, "logit_scale", None) is not None:  # scaled cosine attention
+                scale = torch.clamp(attn.logit_scale.float(), max=attn.logit_scale_max).exp()
+                logits = _logits(F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1), scale)
+                return _masked(logits, mask, true_blocks=True).softmax(dim=-1)
+            return attention_from_qk(attn.ln_q(q), attn.ln_k(k), attn.scale, mask, true_blocks=True)
+
+        return attn, read
+    raise ValueError(f"cannot read the attention of teacher {who}: its blocks' attention is a "
+                     f"{type(attn).__name__}, neither nn.MultiheadAttention nor open_clip's Attention")
+
+
 class _Adapter(nn.Module):
-    """Common wrapper: channel repeat, [B, 1 + N, D] outputs, `forward_layers`, `depth`, `embed_dim`, `grid_size`."""
+    """Common wrapper: channel repeat, [B, 1 + N, D] outputs, `forward_layers`, `depth`, `embed_dim`, `grid_size`,
+    and attention read from the same pass (`attention_readers`, `forward_layers_with_attention`).
+
+    `has_cls`: the model has a class token (else the mean patch stands in for it in the outputs); `num_prefix`:
+    how many tokens precede the patches in the model's own sequence (class, then registers)."""
+
+    has_cls: bool = True
+    num_prefix: int = 1
 
     def __init__(self, model: nn.Module, channels: int, depth: int, embed_dim: int):
         super().__init__()
         self.model, self.channels, self.depth, self.embed_dim = model, channels, depth, embed_dim
+
+    def attention_readers(self) -> list[AttentionReader]:
+        """Per block (all `depth` of them): (the module to pre-hook, fn(args, kwargs) -> [B, H, T, T] float32
+        probabilities recomputed from that module's input). A ValueError naming the model when its attention
+        cannot be read."""
+        raise ValueError(f"cannot read the attention of teacher {type(self).__name__}")
+
+    def forward_layers_with_attention(self, images: torch.Tensor, layers, attention_layers
+                                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(forward_layers(images, layers), the attention probabilities [B, H, T, T] (float32, over the model's
+        own tokens, prefix tokens first) of each block in `attention_layers`), from ONE pass: forward pre-hooks
+        on the blocks' attention modules recompute the probabilities from their inputs. The pass runs to the
+        deepest block either list names."""
+        readers = self.attention_readers()
+        if len(readers) != self.depth:
+            raise RuntimeError(f"{type(self).__name__}: {len(readers)} attention readers for {self.depth} blocks")
+        att_ids, ids = self._layer_ids(list(attention_layers)), self._layer_ids(list(layers))
+        found: dict[int, torch.Tensor] = {}
+
+        def make_hook(i, read):
+            def hook(module, args, kwargs):
+                found[i] = read(args, kwargs)
+            return hook
+
+        handles = [readers[i][0].register_forward_pre_hook(make_hook(i, readers[i][1]), with_kwargs=True)
+                   for i in sorted(set(att_ids))]
+        try:
+            run = sorted(set(ids) | ({max(att_ids)} if att_ids else set()))
+            outs = dict(zip(run, self.forward_layers(images, run))) if run else {}
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [i for i in att_ids if i not in found]
+        if missing:
+            raise RuntimeError(f"{type(self).__name__}: blocks {missing} ran without calling their attention module")
+        return [outs[i] for i in ids], [found[i] for i in att_ids]
 
     def _input(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1 and self.channels > 1:
@@ -91,6 +276,9 @@ class MimkitEncoder(_Adapter):
     def forward_layers(self, images, layers):
         return self.model.forward_layers(self._input(images), self._layer_ids(layers))
 
+    def attention_readers(self):
+        return [timm_attention_reader(b.attn, f"mimkit {type(self.model).__name__}") for b in self.model.blocks]
+
 
 class TimmEncoder(_Adapter):
     """timm ViT: class token (or the mean patch when the model has none) + patch tokens, prefix/register dropped.
@@ -106,9 +294,23 @@ class TimmEncoder(_Adapter):
     def grid_size(self) -> tuple[int, int]:
         return tuple(self.model.patch_embed.grid_size)
 
+    @property
+    def has_cls(self) -> bool:
+        return getattr(self.model, "cls_token", None) is not None
+
+    @property
+    def num_prefix(self) -> int:
+        return int(getattr(self.model, "num_prefix_tokens", 1))
+
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        has_cls = getattr(self.model, "cls_token", None) is not None
-        return _with_cls(x, getattr(self.model, "num_prefix_tokens", 1), has_cls)
+        return _with_cls(x, self.num_prefix, self.has_cls)
+
+    def attention_readers(self):
+        who = f"timm {getattr(self.model, 'default_cfg', {}).get('architecture') or type(self.model).__name__}"
+        blocks = getattr(self.model, "blocks", None)
+        if blocks is None or not all(hasattr(b, "attn") for b in blocks):
+            raise ValueError(f"cannot read the attention of teacher {who}: no `blocks[i].attn`")
+        return [timm_attention_reader(b.attn, who) for b in blocks]
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.head(self.model.fc_norm(x))
@@ -150,6 +352,23 @@ class HFEncoder(_Adapter):
     def forward_layers(self, images, layers):
         hidden = self._run(images).hidden_states  # embeddings, then each layer
         return [hidden[i + 1] for i in self._layer_ids(layers)]
+
+    def attention_readers(self):
+        who = f"hf:{self.model.config.model_type}"
+        return [hf_attention_reader(layer, who) for layer in _hf_layers(self.model, self.depth, who)]
+
+
+def _hf_layers(model: nn.Module, depth: int, who: str) -> list[nn.Module]:
+    """The encoder layers of a transformers vision model, whichever nesting its version uses."""
+    for path in ("layers", "encoder.layers", "encoder.layer", "vision_model.encoder.layers",
+                 "vision_model.encoder.layer"):
+        found = model
+        for name in path.split("."):
+            found = getattr(found, name, None)
+        if isinstance(found, nn.ModuleList) and len(found) == depth:
+            return list(found)
+    raise ValueError(f"cannot read the attention of teacher {who}: no list of {depth} encoder layers in "
+                     f"{type(model).__name__}")
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:
@@ -241,6 +460,9 @@ class OpenClipEncoder(_Adapter):
     def forward_layers(self, images, layers):
         outs = self.model.forward_layers(self._input(images), self._layer_ids(layers))
         return [self.model.head(x) for x in outs] if self.project else outs
+
+    def attention_readers(self):
+        return [open_clip_attention_reader(b.attn, "open_clip") for b in self.model.visual.transformer.resblocks]
 
 
 def _pair(v) -> tuple[int, int]:

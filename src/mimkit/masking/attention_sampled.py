@@ -9,7 +9,7 @@ scores among the patches left): order the patches by log a_n + G_n, G_n = -log(-
 The uniforms u come from `rng.uniform(seeds, N, stream)`, so image b's visible set is a pure function of
 (scores[b], seeds[b]), whatever the batch.
 
-Without scores (no teacher attention: `mask=random`, a Hugging Face teacher) every patch weighs the same, and
+Without scores (no teacher attention: `mask=random`) every patch weighs the same, and
 the same draw is a uniform random subset: the random-visible fallback.
 """
 

@@ -20,7 +20,8 @@ of the card, in particular which layers are paired (here: the same depth fractio
 `relation_layers`), KL as the default relation loss, the linear drop schedule and its 0.5 end value, dropping by
 the MIM teacher's last-block class-token attention, heads averaged when the head counts differ, and the class
 token being kept and included in both losses (the feature teacher's `drop_cls` leaves it out of the feature loss).
-The MIM teacher must run on the student's patch grid (its attention is over its own tokens).
+The MIM teacher must run on the student's patch grid (its attention is over its own tokens) and have a class
+token (any spec kind: mimkit, timm:, hf:, open_clip:; not SigLIP).
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class HybridDistill(Method):
             raise ValueError(f"method.mim_teacher runs on a {mim_teacher.teacher_grid()} patch grid but the student "
                              f"on {tuple(self.grid.shape)}: relations need the same tokens (match the image and "
                              "patch sizes)")
+        if not mim_teacher.has_class_token:
+            raise ValueError("method.mim_teacher has no class token (SigLIP?): the relations pair the student's class "
+                             "token with the teacher's; use a class-token teacher")
         self.mim_teacher, self.feature_teacher = mim_teacher, feature_teacher  # frozen, outside the state_dict
         self.student_layers = [block_at(f, encoder.depth) for f in relation_layers]
         self.teacher_layers = [block_at(f, mim_teacher.depth) for f in relation_layers]

@@ -105,7 +105,7 @@ class MaskAlign(Method):
         if method.teacher.cache_dir:  # keyed by the layers really read (only mask=random|block_reversed uses it)
             teacher.use_cache(method.teacher.model_copy(update={"layers": teacher.layers}))
         if method.mask == "attention":
-            teacher._blocks()  # a teacher whose attention cannot be read fails now, naming its kind
+            teacher.check_attention()  # a teacher whose attention cannot be read fails now, naming it
         return cls(encoder, teacher, method)
 
     # -------------------------------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ name>`, `open_clip:...`; see docs/teachers.md), with
 The teacher is frozen (no gradients, eval mode, excluded from the optimizer and from the method's state_dict:
 its weights come from `source`, so a checkpoint of a distillation run stays the student's size). Widths that
 differ are the student's business (a learnable projection on the student side, as the papers do).
+
+`forward_with_attention` also gives the teacher's attention maps from the same pass, for every spec kind (the
+encoder adapter says where each block's attention is; docs/teachers.md, "Attention").
 """
 
 from __future__ import annotations
@@ -172,15 +175,16 @@ class FrozenTeacher(nn.Module):
     def forward(self, images: torch.Tensor, seeds: torch.Tensor | None = None) -> list[torch.Tensor]:
         return self.features(images, seeds)
 
-    def _blocks(self) -> list[nn.Module]:
-        """The teacher's transformer blocks (mimkit and timm ViTs: `model.blocks[i].attn` is a timm Attention)."""
-        model = getattr(self._encoder, "model", self._encoder)
-        blocks = getattr(model, "blocks", None)
-        if blocks is None or not all(hasattr(b, "attn") for b in blocks):
-            raise ValueError(f"cannot read the attention of teacher {type(model).__name__} (a Hugging Face "
-                             "`hf:` teacher?): attention is read from mimkit and timm ViTs only "
-                             "(method.teacher.source=<mimkit checkpoint> or timm:...)")
-        return list(blocks)
+    @property
+    def has_class_token(self) -> bool:
+        """Whether the teacher has a class token (SigLIP has none: the mean patch stands in for it in features)."""
+        return bool(getattr(self._encoder, "has_cls", True))
+
+    def check_attention(self) -> None:
+        """Raise now, naming the teacher, when its attention cannot be read (`forward_with_attention`): every
+        loader kind can (mimkit, timm ViTs with timm's plain Attention, hf: ViT/ViTMAE/CLIP/SigLIP/DINOv2,
+        open_clip towers); timm variants with relative position bias or rope cannot."""
+        self._encoder.attention_readers()
 
     @torch.no_grad()
     def forward_with_attention(self, images: torch.Tensor, attention_layers
@@ -190,45 +194,29 @@ class FrozenTeacher(nn.Module):
         features: as `features` gives them (the configured layers, normalised, on the student's grid, never
         from the cache: the pass runs anyway). attentions: per layer of `attention_layers` (0-based, negative
         from the end) the softmax probabilities [B, H, T_t, T_t] (float32) over the teacher's OWN tokens (its
-        grid, class/prefix tokens first), read with forward pre-hooks on the blocks' `attn` modules that
-        recompute softmax(q k^T * scale) from the module's input, so the pass itself keeps its fused kernel."""
-        from mimkit.eval.analysis import _attention_probs
-
-        blocks = self._blocks()
-        att_ids = self._encoder._layer_ids(list(attention_layers))
-        feat_ids = self._encoder._layer_ids(self.layers)
-        found: dict[int, torch.Tensor] = {}
-
-        def make_hook(i):
-            def hook(module, args, kwargs):
-                x = args[0] if args else kwargs["x"]
-                found[i] = _attention_probs(module, x, kwargs.get("attn_mask"))
-            return hook
-
-        handles = [blocks[i].attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in set(att_ids)]
-        try:
-            x = images.float() * self.scale + self.shift
-            if tuple(x.shape[-2:]) != self.img_size:
-                x = F.interpolate(x, size=self.img_size, mode="bicubic", align_corners=False)
-            # run through the deepest block either list needs; the features are the configured layers
-            run = sorted(set(feat_ids) | {max(att_ids)})
-            outs = dict(zip(run, self._encoder.forward_layers(x, run)))
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [i for i in att_ids if i not in found]
-        if missing:
-            raise RuntimeError(f"teacher blocks {missing} ran without calling their `attn` module")
-        feats = [self._normalise(self._to_student_grid(outs[i])) for i in feat_ids]
+        grid, prefix tokens first: class token, then registers), read by the encoder adapter's forward pre-hooks
+        on the blocks' attention modules, which recompute softmax(q k^T * scale) from the module's input, so the
+        pass itself keeps its fused kernel (eval.encoders `forward_layers_with_attention`)."""
+        x = images.float() * self.scale + self.shift
+        if tuple(x.shape[-2:]) != self.img_size:
+            x = F.interpolate(x, size=self.img_size, mode="bicubic", align_corners=False)
+        outs, attns = self._encoder.forward_layers_with_attention(x, self.layers, attention_layers)
+        feats = [self._normalise(self._to_student_grid(o)) for o in outs]
         feats = [f[:, 1:] for f in feats] if self.drop_cls else feats
-        return feats, [found[i] for i in att_ids]
+        return feats, attns
 
     def cls_attention_on_student_grid(self, attn: torch.Tensor) -> torch.Tensor:
-        """[B, N_student]: the class token's attention to the patches (row 0, mean over heads, the last
-        N_teacher columns), resampled bilinearly to the student's grid when the grids differ, summing to 1."""
+        """[B, N_student]: how much attention each patch receives, summing to 1, resampled bilinearly to the
+        student's grid when the grids differ. Class-token teachers: the class token's row (row 0, mean over
+        heads) on the patches (the last N_teacher columns; registers between are left out). Teachers without a
+        class token (SigLIP): the attention each patch receives averaged over all query rows and heads (no token
+        summarises the image, so every patch's view of it counts the same)."""
         gh, gw = self.teacher_grid()
         sh, sw = self.student_grid
-        row = attn[:, :, 0, -gh * gw:].float().mean(1)  # [B, N_t]
+        if self.has_class_token:
+            row = attn[:, :, 0, -gh * gw:].float().mean(1)  # [B, N_t]
+        else:
+            row = attn[:, :, :, -gh * gw:].float().mean(2).mean(1)
         if (gh, gw) != (sh, sw):
             maps = F.interpolate(row.view(-1, 1, gh, gw), size=(sh, sw), mode="bilinear", align_corners=False)
             row = maps.flatten(1).clamp_min(0)
