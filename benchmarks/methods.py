@@ -51,6 +51,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "teacher"  # the MAE recipe at --teacher-budget-s: the frozen teacher of the distillation rows
+TEACHER_OF = "teacher:"  # "teacher:ibot": the ibot recipe at --teacher-budget-s (a teacher for --teacher-for)
 RANDOM = "random init"
 RANDOM_MEAN = "random init (mean pool)"
 FLOORS = (RANDOM, RANDOM_MEAN)
@@ -240,6 +241,38 @@ def check_maskalign(history, row=None, rows=None):
                     f"{teacher.get('steps')} steps")
 
 
+def wired_teacher(row: dict | None, field: str, rows: dict) -> dict | None:
+    """The row whose run a distillation row's teacher field `field` read (from the row's wiring overrides)."""
+    prefix = f"method.{field}.source="
+    source = next((w[len(prefix):] for w in (row or {}).get("wiring") or [] if w.startswith(prefix)), None)
+    if source is None:
+        return None
+    return next((r for r in rows.values() if source in (r.get("run_dir"), r.get("source"))), None)
+
+
+def check_hybrid_distill(history, row=None, rows=None):
+    rows = rows or {}
+    mim, cl = wired_teacher(row, "mim_teacher", rows), wired_teacher(row, "feature_teacher", rows)
+    if mim is None or cl is None or mim is cl:
+        return "n/a", ("needs two different teachers, probed here: --teacher-for feature_teacher=teacher:ibot (say) "
+                       "beside the MAE teacher row")
+    keys = ("attn_nmi", "attn_distance")
+    if any((r or {}).get(k) is None for r in (row, mim, cl) for k in keys):
+        return "n/a", "needs the last block's attention NMI and distance of the student and both teachers"
+    mim_like = {k: abs(row[k] - mim[k]) < abs(row[k] - cl[k]) for k in keys}
+    cl_probe, cl_text = compare_probe(cl, mim, "linear", "the CL teacher", "the MIM teacher")
+    attn = "; ".join(f"{k} student {row[k]:.3f}, MIM teacher {mim[k]:.3f}, CL teacher {cl[k]:.3f}" for k in keys)
+    if cl_probe != "held":
+        return "n/a", (f"the CL teacher's probe is not above the MIM teacher's ({cl_text}): nothing to move towards; "
+                       f"{attn}")
+    probe, text = compare_probe(row, mim, "linear", "the student", "the MIM teacher")
+    if not all(mim_like.values()):
+        status = "did not hold"
+    else:
+        status = {"held": "held", "inconclusive": "inconclusive"}.get(probe, "did not hold")
+    return status, f"{attn}; {text}; CL teacher {100 * cl['linear']:.2f}%"
+
+
 def check_cl_mim(history, row=None, rows=None):
     rows = rows or {}
     out = [compare_probe(row, rows.get(f"cl_mim[lam={v}]"), "linear", "cl_mim", f"cl_mim[lam={v}]") for v in (0, 1)]
@@ -289,6 +322,10 @@ CLAIMS = {
     "maskalign": ("a MaskAlign student reaches its teacher's probe accuracy at a lower cost per step than MAE",
                   "linear probe not below the teacher row's by more than two standard errors, and seconds per step "
                   "below MAE's", check_maskalign),
+    "hybrid_distill": ("the student's attention stays MIM-like while its probe moves towards the CL teacher",
+                       "the last block's attention NMI and mean distance (64 test images) are each closer to the MIM "
+                       "teacher's than to the CL teacher's, and the linear probe is above the MIM teacher's by more "
+                       "than two standard errors (given a CL teacher whose probe is)", check_hybrid_distill),
     "dtm": ("token morphing improves on plain per-token distillation",
             "linear probe above the dtm[morph=false] row by more than two standard errors",
             _against("dtm[morph=false]", "linear")),
@@ -312,13 +349,14 @@ NO_CLAIM = {
     "a2mim": "card: IN-100 numbers and ablations; nothing that fits this budget",
     "ijepa": "the base that StoP and N-JEPA are compared with",
     "uta": "card: CLIP zero-shot accuracy; needs CLIP's text tower, not available with a self-trained teacher",
-    "hybrid_distill": "card: NMI and attention distance stay MIM-like while the probe moves towards a CL teacher; "
-                      "this run has one MAE teacher in both roles",
     TEACHER: "the frozen teacher of the distillation rows (see Setup)",
 }
 
 
 def check_claim(name: str, history: list[dict], row: dict, rows: dict) -> dict:
+    if is_teacher_row(name) and name not in NO_CLAIM:
+        return {"status": "n/a", "claim": None, "evidence": f"a frozen teacher ({recipe_of(name)} recipe) of the "
+                                                              "distillation rows (see Setup)"}
     if name not in CLAIMS and split_variant(name)[1]:
         return {"status": "n/a", "claim": None, "evidence": f"a variant of {split_variant(name)[0]} (see its claim)"}
     if row.get("error") and not history:
@@ -496,10 +534,15 @@ def teacher_note(results: dict) -> list[str]:
         return []
     made = (f"the MAE recipe trained for {row.get('budget_s', 0):g} s ({row.get('steps')} steps)" if not row.get("source")
             else f"the given run {row['source']} ({row.get('steps')} steps)")
+    chosen = dict(pair.partition("=")[::2] for pair in results["setup"].get("teacher_for") or [])
+    unless = "".join(f"; `{field}` reads the `{r}` row instead" for field, r in chosen.items())
+    others = [f"* **{n}:** the {recipe_of(n)} recipe trained for {results['rows'][n].get('budget_s', 0):g} s "
+              f"({results['rows'][n].get('steps')} steps), a frozen teacher like the one above, probed like the rows"
+              for n in results["order"] if n.startswith(TEACHER_OF) and n in results["rows"]]
     return [f"* **{TEACHER}:** {made}, probed like the other rows; every frozen-teacher field of a row's recipe "
-            "(`method.teacher.source`, Hybrid Distillation's `mim_teacher` and `feature_teacher`) reads it, and "
-            "`beit_v2` rows predict the codes of this run's `vqkd` row (`method.tokenizer`). Its budget is not the "
-            "rows' budget: it is the kind of checkpoint a user distils from."]
+            "(`method.teacher.source`, Hybrid Distillation's `mim_teacher` and `feature_teacher`) reads it"
+            f"{unless}, and `beit_v2` rows predict the codes of this run's `vqkd` row (`method.tokenizer`). Its "
+            "budget is not the rows' budget: it is the kind of checkpoint a user distils from.", *others]
 
 
 def render_markdown(results: dict) -> str:
@@ -594,8 +637,23 @@ def evaluate(encoder, probe_data, args, ecfg, device, pool: str = "cls") -> dict
                          epochs=ecfg.attentive_epochs, lr=ecfg.attentive_lr, num_heads=ecfg.attentive_heads,
                          val_fraction=ecfg.val_fraction, seed=ecfg.seed, num_classes=10)
     out["attentive"] = ap["rows"][0]["test_acc"]
+    out.update(attention_stats(encoder, test, device))
     out["eval_s"] = time.perf_counter() - t0
     return out
+
+
+def attention_stats(encoder, test, device, images: int = 64) -> dict:
+    """The last block's attention NMI and mean attention distance (pixels), averaged over heads, on the first
+    test images (`mimkit.eval.analysis`, what "What do self-supervised ViTs learn?" reads); {} for encoders
+    whose attention cannot be read."""
+    from mimkit.eval.analysis import attention_nmi, mean_attention_distance
+
+    x = torch.stack([test[i]["image"] for i in range(min(images, len(test)))]).to(device)
+    try:
+        return {"attn_nmi": float(attention_nmi(encoder, x, layers=[-1]).mean()),
+                "attn_distance": float(mean_attention_distance(encoder, x, layers=[-1]).mean())}
+    except (ValueError, AttributeError, TypeError):
+        return {}
 
 
 def run_method(name: str, args, common: list[str], base_cfg, data, probe_data, ecfg, device, rows) -> dict:
@@ -604,7 +662,7 @@ def run_method(name: str, args, common: list[str], base_cfg, data, probe_data, e
 
     row: dict = {"method": name, "stage": "config", "eval_test": len(probe_data[1])}
     base, variant = split_variant(name)
-    recipe = ROOT / "configs" / f"{'mae' if base == TEACHER else base}_vit_tiny_fmnist.yaml"
+    recipe = ROOT / "configs" / f"{recipe_of(base)}_vit_tiny_fmnist.yaml"
     try:
         if not recipe.is_file():
             raise FileNotFoundError(f"no recipe {recipe.relative_to(ROOT)}")
@@ -620,7 +678,7 @@ def run_method(name: str, args, common: list[str], base_cfg, data, probe_data, e
             cfg = cfg.model_copy(update={"data": base_cfg.data})
         row["stage"] = "calibration"
         cal = calibrate(cfg, data, args.calibration_warmup, args.calibration_steps)
-        budget = args.teacher_budget_s if name == TEACHER else args.budget_s
+        budget = args.teacher_budget_s if is_teacher_row(name) else args.budget_s
         row["budget_s"] = budget
         steps = steps_for_budget(budget, cal["s_per_step"], args.min_steps)
         row.update({"s_per_step": cal["s_per_step"], "calibration_times": cal["step_times"], "max_steps": steps})
@@ -657,19 +715,48 @@ def run_method(name: str, args, common: list[str], base_cfg, data, probe_data, e
     return row
 
 
+def recipe_of(row_name: str) -> str:
+    """The recipe a row trains: "teacher" is MAE's, "teacher:ibot" ibot's, any other row its own."""
+    if row_name == TEACHER:
+        return "mae"
+    return row_name[len(TEACHER_OF):] if row_name.startswith(TEACHER_OF) else row_name
+
+
+def is_teacher_row(name: str) -> bool:
+    return name == TEACHER or name.startswith(TEACHER_OF)
+
+
+def teacher_for(args) -> dict[str, str]:
+    """--teacher-for FIELD=ROW pairs: teacher field FIELD reads row ROW's run instead of the teacher row's."""
+    out = {}
+    for pair in args.teacher_for:
+        field, sep, row = pair.partition("=")
+        if not sep or not field or not row:
+            raise SystemExit(f"--teacher-for {pair!r}: write FIELD=ROW, e.g. feature_teacher=teacher:ibot")
+        out[field.strip()] = row.strip()
+    return out
+
+
 def wiring_overrides(method_cfg, args, rows: dict) -> list[str]:
     """What a method needs from outside its recipe: every frozen-teacher field (a TeacherConfig) reads the
-    benchmark's teacher (the "teacher" row's run, or --teacher), and a `tokenizer` field (BEiT v2) the vqkd
-    row's run. The recipes name runs under runs/ that a user makes first; here they come from this run."""
+    benchmark's teacher (the "teacher" row's run, or --teacher) unless --teacher-for gives it another row's
+    run, and a `tokenizer` field (BEiT v2) the vqkd row's run. The recipes name runs under runs/ that a user
+    makes first; here they come from this run."""
     from mimkit.targets.teacher import teacher_fields
 
     out = []
-    fields = teacher_fields(type(method_cfg))
-    if fields:
-        source = args.teacher or (rows.get(TEACHER) or {}).get("run_dir")
-        if not source:
-            raise ValueError(f"{method_cfg.name} needs a teacher: give --teacher RUN or --teacher-budget-s S")
-        out += [f"method.{f}.source={source}" for f in fields]
+    chosen = teacher_for(args)
+    for f in teacher_fields(type(method_cfg)):
+        if f in chosen:
+            source = (rows.get(chosen[f]) or {}).get("run_dir")
+            if not source or rows[chosen[f]].get("stage") != "done":
+                raise ValueError(f"{method_cfg.name}.{f} reads row {chosen[f]!r} (--teacher-for), which has not run "
+                                 "to the end before it")
+        else:
+            source = args.teacher or (rows.get(TEACHER) or {}).get("run_dir")
+            if not source:
+                raise ValueError(f"{method_cfg.name} needs a teacher: give --teacher RUN or --teacher-budget-s S")
+        out.append(f"method.{f}.source={source}")
     if "tokenizer" in type(method_cfg).model_fields:
         vqkd = (rows.get("vqkd") or {}).get("run_dir")
         if not vqkd or (rows.get("vqkd") or {}).get("stage") != "done":
@@ -732,6 +819,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-budget-s", type=float, default=300.0,
                    help="without --teacher: train the MAE recipe this long first (the \"teacher\" row) when some "
                         "method needs a teacher")
+    p.add_argument("--teacher-for", action="append", default=[], metavar="FIELD=ROW",
+                   help="teacher field FIELD of every row reads the run of row ROW of this benchmark, e.g. "
+                        "feature_teacher=teacher:ibot (a \"teacher:<recipe>\" row trains that recipe for "
+                        "--teacher-budget-s and runs first)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--work-dir", help="run folders go here (default: a temporary folder, removed at the end)")
     p.add_argument("--keep-runs", action="store_true", help="keep each method's run folder")
@@ -776,6 +867,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(data.train)} training images; probes {len(probe_data[0])} / {len(probe_data[1])}; "
         f"{torch.get_num_threads()} threads; work dir {work}")
 
+    extra_teachers = [r for r in teacher_for(args).values() if r.startswith(TEACHER_OF) and r not in methods]
+    methods = list(dict.fromkeys(extra_teachers)) + methods  # a teacher:<recipe> row runs before its students
     if not args.teacher and any(needs_teacher(n) for n in methods) and TEACHER not in methods:
         methods = [TEACHER] + methods
     elif args.teacher and any(needs_teacher(n) for n in methods):
@@ -821,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
             "knn_k": ecfg.knn_k, "knn_temperature": ecfg.knn_temperature, "linear_epochs": ecfg.linear_epochs,
             "probe_val_fraction": ecfg.val_fraction, "attentive_epochs": ecfg.attentive_epochs,
             "attentive_heads": ecfg.attentive_heads, "calibration_steps": args.calibration_steps,
-            "calibration_warmup": args.calibration_warmup, "smoke": smoke,
+            "calibration_warmup": args.calibration_warmup, "smoke": smoke, "teacher_for": list(args.teacher_for),
         },
         "order": methods + [f for f in FLOORS if f in rows], "rows": rows,
     }

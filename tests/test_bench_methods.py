@@ -182,6 +182,7 @@ def test_tiny_end_to_end(bench, tmp_path):
     for key in ("knn", "linear", "attentive"):
         assert 0.0 <= mae[key] <= 1.0 and 0.0 <= res["rows"]["random init"][key] <= 1.0
     assert math.isfinite(mae["val_loss"]) and math.isfinite(mae["loss_final"])
+    assert 0.0 <= mae["attn_nmi"] <= 1.0 and mae["attn_distance"] > 0  # the last block's attention, read
     assert "FileNotFoundError" in res["rows"]["no_such_method"]["error"]
     md = out.read_text()
     assert "Smoke run" in md and "| mae | " in md and "| no_such_method |" in md
@@ -277,3 +278,42 @@ def test_wave_1c_claims(bench):
     assert bench.check_cl_mim([], row(linear=0.65), both)[0] == "did not hold"
     assert bench.check_cl_mim([], row(linear=0.71), both)[0] == "inconclusive"
     assert bench.check_cl_mim([], row(linear=0.71), {})[0] == "n/a"
+
+
+def test_hybrid_distillation_claim_reads_both_wired_teachers(bench):
+    row = lambda **kw: {"eval_test": 2000, **kw}  # noqa: E731
+    mim = row(run_dir="/r/mae", linear=0.70, attn_nmi=0.30, attn_distance=9.0)
+    cl = row(run_dir="/r/ibot", linear=0.80, attn_nmi=0.05, attn_distance=14.0)
+    rows = {bench.TEACHER: mim, "teacher:ibot": cl}
+    wiring = ["method.mim_teacher.source=/r/mae", "method.feature_teacher.source=/r/ibot"]
+    student = lambda **kw: row(wiring=wiring, **{"attn_nmi": 0.25, "attn_distance": 10.0, **kw})  # noqa: E731
+    assert bench.check_hybrid_distill([], student(linear=0.76), rows)[0] == "held"
+    assert bench.check_hybrid_distill([], student(linear=0.71), rows)[0] == "inconclusive"
+    assert bench.check_hybrid_distill([], student(linear=0.60), rows)[0] == "did not hold"
+    # attention like the CL teacher's: the MIM half of the claim fails whatever the probe
+    assert bench.check_hybrid_distill([], student(linear=0.76, attn_nmi=0.06), rows)[0] == "did not hold"
+    # one teacher in both roles, or a CL teacher that is not more separable: nothing to check
+    same = ["method.mim_teacher.source=/r/mae", "method.feature_teacher.source=/r/mae"]
+    assert bench.check_hybrid_distill([], row(wiring=same, linear=0.8, attn_nmi=0.2, attn_distance=9.0),
+                                      rows)[0] == "n/a"
+    weak = {bench.TEACHER: mim, "teacher:ibot": {**cl, "linear": 0.69}}
+    assert bench.check_hybrid_distill([], student(linear=0.76), weak)[0] == "n/a"
+
+
+def test_teacher_for_wires_one_field_to_another_teacher_row(bench):
+    from types import SimpleNamespace
+
+    from mimkit.config import load_config
+
+    cfg = load_config(bench.ROOT / "configs" / "hybrid_distill_vit_tiny_fmnist.yaml").method
+    rows = {bench.TEACHER: {"run_dir": "/r/mae", "stage": "done"},
+            "teacher:ibot": {"run_dir": "/r/ibot", "stage": "done"}}
+    args = SimpleNamespace(teacher=None, teacher_for=["feature_teacher=teacher:ibot"])
+    assert bench.wiring_overrides(cfg, args, rows) == ["method.mim_teacher.source=/r/mae",
+                                                       "method.feature_teacher.source=/r/ibot"]
+    assert bench.recipe_of("teacher:ibot") == "ibot" and bench.recipe_of(bench.TEACHER) == "mae"
+    assert bench.is_teacher_row("teacher:ibot") and not bench.is_teacher_row("ibot")
+    with pytest.raises(ValueError, match="has not run"):
+        bench.wiring_overrides(cfg, SimpleNamespace(teacher=None, teacher_for=["feature_teacher=teacher:x"]), rows)
+    with pytest.raises(SystemExit, match="FIELD=ROW"):
+        bench.teacher_for(SimpleNamespace(teacher_for=["feature_teacher"]))
