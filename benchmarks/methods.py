@@ -261,7 +261,7 @@ def check_hybrid_distill(history, row=None, rows=None):
         return "n/a", "needs the last block's attention NMI and distance of the student and both teachers"
     mim_like = {k: abs(row[k] - mim[k]) < abs(row[k] - cl[k]) for k in keys}
     cl_probe, cl_text = compare_probe(cl, mim, "linear", "the CL teacher", "the MIM teacher")
-    attn = "; ".join(f"{k} student {row[k]:.3f}, MIM teacher {mim[k]:.3f}, CL teacher {cl[k]:.3f}" for k in keys)
+    attn = "; ".join(f"{k} student {row[k]:.3g}, MIM teacher {mim[k]:.3g}, CL teacher {cl[k]:.3g}" for k in keys)
     if cl_probe != "held":
         return "n/a", (f"the CL teacher's probe is not above the MIM teacher's ({cl_text}): nothing to move towards; "
                        f"{attn}")
@@ -514,7 +514,8 @@ def reading_notes(results: dict) -> list[str]:
                      f"{s['budget_s']:g} s budget the methods saw between "
                      f"{min(rows[n]['images_seen'] for n in trained):,} and "
                      f"{max(rows[n]['images_seen'] for n in trained):,} images.")
-    over = [n for n in trained if rows[n].get("train_s") and rows[n]["train_s"] > 1.25 * s["budget_s"]]
+    over = [n for n in trained  # a teacher row's budget is --teacher-budget-s
+            if rows[n].get("train_s") and rows[n]["train_s"] > 1.25 * (rows[n].get("budget_s") or s["budget_s"])]
     if over:
         notes.append(f"Training took more than 1.25x the budget for {', '.join(over)} (the calibration "
                      f"underestimated their step time; see train s).")
@@ -914,7 +915,9 @@ def main(argv: list[str] | None = None) -> int:
             "knn_k": ecfg.knn_k, "knn_temperature": ecfg.knn_temperature, "linear_epochs": ecfg.linear_epochs,
             "probe_val_fraction": ecfg.val_fraction, "attentive_epochs": ecfg.attentive_epochs,
             "attentive_heads": ecfg.attentive_heads, "calibration_steps": args.calibration_steps,
-            "calibration_warmup": args.calibration_warmup, "smoke": smoke, "teacher_for": list(args.teacher_for),
+            "calibration_warmup": args.calibration_warmup, "smoke": smoke,
+            "teacher_for": list(dict.fromkeys(((merged["setup"].get("teacher_for") or []) if merged else [])
+                                              + list(args.teacher_for))),
         },
         "order": methods + [f for f in FLOORS if f in rows], "rows": rows,
     }
@@ -957,18 +960,20 @@ def merge_results(runs: list[dict]) -> dict:
     """Several --json results as one: rows in order of first appearance, a later run's row replacing an
     earlier one's; the first run's setup (the others are checked against it), every command kept."""
     out = {"setup": dict(runs[0]["setup"]), "order": [], "rows": {}}
-    commands = []
+    commands, teacher_for = [], []
     for run in runs:
         for k in ("budget_s", "batch_size", "seed", "eval_train", "eval_test", "attentive_train", "device"):
             if run["setup"].get(k) != out["setup"].get(k):
                 raise SystemExit(f"cannot merge runs measured differently: {k} {run['setup'].get(k)} vs "
                                  f"{out['setup'].get(k)}")
         commands += run["setup"].get("commands") or [run["setup"]["command"]]
+        teacher_for += run["setup"].get("teacher_for") or []
         for name in run["order"]:
             if name not in out["order"]:
                 out["order"].append(name)
             out["rows"][name] = run["rows"][name]
     out["setup"]["commands"] = list(dict.fromkeys(commands))
+    out["setup"]["teacher_for"] = list(dict.fromkeys(teacher_for))
     return out
 
 

@@ -175,7 +175,7 @@ def read_run(path: str | Path):
     """(checkpoint, PretrainConfig, img_size, channels) of a mimkit checkpoint, with clear errors."""
     from mimkit.config import ConfigError, PretrainConfig, build_config
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(find_checkpoint(path))  # a run folder or a checkpoint file
     absent = [k for k in ("config", "data", "model") if not isinstance(ckpt.get(k), dict)]
     if absent:
         raise CheckpointError(f"{path} has no {', '.join(absent)} section (a truncated or hand-made checkpoint?)")
