@@ -83,6 +83,15 @@ def test_config_loads_a_mimkit_checkpoint_and_names_bad_fields(tmp_path):
         TeacherConfig(source="x", norm="l2")
     with pytest.raises(ValueError, match="out of range"):
         FrozenTeacher.from_config(TeacherConfig(source=str(path), layers=[5]), (4, 4), [0.3], [0.3])
+    # as a method builds it: the run's data statistics, and one layer where the method reads one
+    data = cfg.data
+    one = FrozenTeacher.for_method(TeacherConfig(source=str(path), layers=[1]), (4, 4), data, "DTM", one_layer=True)
+    full = method.encoder.forward_layers(x, [1])[0]
+    torch.testing.assert_close(one(x)[0], F.layer_norm(full, full.shape[-1:]), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"DTM reads one teacher layer; method.teacher.layers=\[0, 1\]"):
+        FrozenTeacher.for_method(TeacherConfig(source=str(path), layers=[0, 1]), (4, 4), data, "DTM", one_layer=True)
+    with pytest.raises(ValueError, match=r"VQ-KD shows the images .* \(data.mean, data.std\)"):
+        FrozenTeacher.for_method(TeacherConfig(source=str(path)), (4, 4), None, "VQ-KD")
 
 
 def test_a_timm_teacher_with_another_patch_size():

@@ -20,31 +20,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from mimkit.eval.attention import read_attention, timm_attention_reader
+
 # ----------------------------------------------------------------------------------------------------------
 # reading attention and layer features
-
-
-def _attention_probs(attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) of a timm Attention module for input x [B, T, D] -> [B, H, T, T] (float32)."""
-    b, t, _ = x.shape
-    heads = attn.num_heads
-    head_dim = getattr(attn, "head_dim", None) or attn.qkv.out_features // (3 * heads)
-    qkv = attn.qkv(x).reshape(b, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k = qkv[0], qkv[1]
-    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-    if q_norm is not None:
-        q = q_norm(q)
-    if k_norm is not None:
-        k = k_norm(k)
-    scale = getattr(attn, "scale", head_dim ** -0.5)
-    logits = (q.float() * scale) @ k.float().transpose(-2, -1)
-    if attn_mask is not None:  # scaled_dot_product_attention semantics: bool = may attend, float = added
-        m = attn_mask.to(logits.device)
-        if m.dtype == torch.bool:
-            logits = logits.masked_fill(~m, float("-inf"))
-        else:
-            logits = logits + m.float()
-    return logits.softmax(dim=-1)
 
 
 def _blocks(encoder: nn.Module) -> list[nn.Module]:
@@ -86,27 +65,14 @@ def attention_maps(encoder: nn.Module, images: torch.Tensor, layers=None) -> lis
     """Attention probabilities per requested layer (default: all), each [B, H, T, T], float32 on the CPU.
 
     Rows are queries, columns keys; token 0 is the class token. An `attn_mask` that a block receives (for
-    example from another pre-hook) is applied as `scaled_dot_product_attention` would."""
+    example from another pre-hook) is applied as `scaled_dot_product_attention` would. Read with the same
+    pre-hooks as a frozen teacher's attention (eval.attention)."""
     blocks = _blocks(encoder)
     idx = _layer_indices(len(blocks), layers)
-    found: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def make_hook(i):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["x"]
-            found[i] = _attention_probs(module, x, kwargs.get("attn_mask")).cpu()
-        return hook
-
-    try:
-        for i in idx:
-            handles.append(blocks[i].attn.register_forward_pre_hook(make_hook(i), with_kwargs=True))
-        with _eval_mode(encoder):
-            encoder(_on_device(encoder, images))
-    finally:
-        for h in handles:
-            h.remove()
-    return [found[i] for i in idx]
+    readers = [timm_attention_reader(b.attn, type(encoder).__name__) for b in blocks]
+    with _eval_mode(encoder):
+        _, maps = read_attention(readers, idx, lambda: encoder(_on_device(encoder, images)), type(encoder).__name__)
+    return [m.cpu() for m in maps]
 
 
 @torch.no_grad()

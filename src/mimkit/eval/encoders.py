@@ -25,16 +25,16 @@ Single-channel images are repeated to 3 channels when the encoder wants RGB.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mimkit.engine.checkpoint import CheckpointError
+from mimkit.eval.attention import (AttentionReader, hf_attention_reader, open_clip_attention_reader,
+                                   read_attention, timm_attention_reader)
 from mimkit.models.patch import PatchGrid
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -55,144 +55,6 @@ class LoadedEncoder(NamedTuple):
     channels: int
     mean: list[float]
     std: list[float]
-
-
-# Reading attention: per block, the module whose input holds the block's queries and keys, and a function
-# recomputing softmax(q k^T * scale) from that input (the positional and keyword arguments of its call), so a
-# forward pre-hook reads the probabilities while the model itself keeps its fused attention kernel.
-AttentionReader = tuple[nn.Module, Callable[[tuple, dict], torch.Tensor]]
-
-
-def attention_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
-                      true_blocks: bool = False) -> torch.Tensor:
-    """softmax(q k^T * scale (+ mask)) -> [B, H, T_q, T_k] float32, from q [B, H, T_q, Dh] and k [B, H, T_k, Dh].
-
-    A float mask is added to the logits; a boolean one marks the keys a query may see (scaled_dot_product_attention,
-    transformers) or, with `true_blocks`, those it may not (nn.MultiheadAttention, open_clip). A 3-D mask is
-    [B * H, T_q, T_k] (nn.MultiheadAttention's layout)."""
-    return _masked(_logits(q, k, scale), mask, true_blocks).softmax(dim=-1)
-
-
-def _logits(q: torch.Tensor, k: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """q k^T * scale in float32, also inside an autocast region (which would run the product in half precision)."""
-    with torch.autocast(q.device.type, enabled=False):
-        return (q.float() * scale) @ k.float().transpose(-2, -1)
-
-
-def _masked(logits: torch.Tensor, mask: torch.Tensor | None, true_blocks: bool) -> torch.Tensor:
-    if mask is None:
-        return logits
-    m = mask.to(logits.device)
-    if m.ndim == 3:
-        m = m.reshape(logits.shape)
-    if m.dtype == torch.bool:
-        return logits.masked_fill(m if true_blocks else ~m, float("-inf"))
-    return logits + m.float()
-
-
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, T, H * Dh] -> [B, H, T, Dh]."""
-    return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
-
-
-def _bound(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """A call's arguments by parameter name (positional ones included)."""
-    return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
-
-
-def timm_attention_reader(attn: nn.Module, who: str) -> AttentionReader:
-    """timm's `Attention` (mimkit and timm ViTs: fused `qkv`, optional q/k norms): probabilities from its input x."""
-    from timm.layers import Attention
-
-    from mimkit.eval.analysis import _attention_probs
-
-    if not isinstance(attn, Attention):
-        raise ValueError(f"cannot read the attention of teacher {who}: its blocks use {type(attn).__name__} "
-                         "(relative position bias, rope or another variant); attention is read from timm's "
-                         "plain `Attention`, transformers ViT/ViTMAE/CLIP/SigLIP/DINOv2 and open_clip towers")
-
-    def read(args: tuple, kwargs: dict) -> torch.Tensor:
-        x = args[0] if args else kwargs["x"]
-        if kwargs.get("is_causal"):
-            raise ValueError(f"teacher {who}: causal attention is not read")
-        return _attention_probs(attn, x, kwargs.get("attn_mask"))
-
-    return attn, read
-
-
-def hf_attention_reader(layer: nn.Module, who: str) -> AttentionReader:
-    """A transformers encoder layer's self-attention (ViT/ViTMAE/DINOv2 `attention`, CLIP/SigLIP `self_attn`):
-    the first submodule with q/k projections (`q_proj`/`k_proj`, or `query`/`key` in older versions), read from
-    its `hidden_states` (already through the layer's pre-norm) with its `attention_mask`, if any."""
-    for attn in layer.modules():
-        names = next(((q, k) for q, k in (("q_proj", "k_proj"), ("query", "key"))
-                      if all(isinstance(getattr(attn, n, None), nn.Linear) for n in (q, k))), None)
-        if names is not None:
-            break
-    else:
-        raise ValueError(f"cannot read the attention of teacher {who}: no q/k projections in {type(layer).__name__}")
-    q_proj, k_proj = getattr(attn, names[0]), getattr(attn, names[1])
-    heads = int(getattr(attn, "num_heads", None) or getattr(attn, "num_attention_heads"))
-    head_dim = int(getattr(attn, "head_dim", None) or getattr(attn, "attention_head_size", None)
-                   or q_proj.out_features // heads)
-    scale = next((float(v) for v in (getattr(attn, "scaling", None), getattr(attn, "scale", None))
-                  if isinstance(v, (int, float))), head_dim ** -0.5)
-
-    def read(args: tuple, kwargs: dict) -> torch.Tensor:
-        bound = _bound(attn, args, kwargs)
-        x = bound.get("hidden_states", args[0] if args else None)
-        q, k = _heads(q_proj(x), heads), _heads(k_proj(x), heads)
-        return attention_from_qk(q, k, scale, bound.get("attention_mask"))
-
-    return attn, read
-
-
-def open_clip_attention_reader(attn: nn.Module, who: str) -> AttentionReader:
-    """An open_clip residual block's `attn`: torch's nn.MultiheadAttention (`in_proj_weight`/`in_proj_bias`,
-    batch-first or sequence-first) or open_clip's own `Attention` (batch-first; optional q/k LayerNorms or scaled
-    cosine attention)."""
-    if isinstance(attn, nn.MultiheadAttention):
-        if attn.bias_k is not None:
-            raise ValueError(f"cannot read the attention of teacher {who}: nn.MultiheadAttention with add_bias_kv")
-        heads = attn.num_heads
-        scale = attn.head_dim ** -0.5
-
-        def read(args: tuple, kwargs: dict) -> torch.Tensor:
-            bound = _bound(attn, args, kwargs)
-            query, key = bound["query"], bound["key"]
-            if not attn.batch_first:
-                query, key = query.transpose(0, 1), key.transpose(0, 1)
-            if attn._qkv_same_embed_dim:
-                w_q, w_k, _ = attn.in_proj_weight.chunk(3)
-            else:
-                w_q, w_k = attn.q_proj_weight, attn.k_proj_weight
-            b_q, b_k = attn.in_proj_bias.chunk(3)[:2] if attn.in_proj_bias is not None else (None, None)
-            q, k = _heads(F.linear(query, w_q, b_q), heads), _heads(F.linear(key, w_k, b_k), heads)
-            logits = _masked(_logits(q, k, scale), bound.get("attn_mask"), true_blocks=True)
-            pad = bound.get("key_padding_mask")
-            if pad is not None:
-                pad = pad[:, None, None, :].expand(logits.shape)
-                logits = _masked(logits, pad, true_blocks=pad.dtype == torch.bool)
-            return logits.softmax(dim=-1)
-
-        return attn, read
-    if all(hasattr(attn, a) for a in ("in_proj_weight", "num_heads", "head_dim", "scale", "ln_q", "ln_k")):
-        heads = attn.num_heads
-
-        def read(args: tuple, kwargs: dict) -> torch.Tensor:
-            x = args[0] if args else kwargs["x"]
-            q, k, _ = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-            q, k = _heads(q, heads), _heads(k, heads)
-            mask = args[1] if len(args) > 1 else kwargs.get("attn_mask")
-            if getattr(attn, "logit_scale", None) is not None:  # scaled cosine attention
-                scale = torch.clamp(attn.logit_scale.float(), max=attn.logit_scale_max).exp()
-                logits = _logits(F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1), scale)
-                return _masked(logits, mask, true_blocks=True).softmax(dim=-1)
-            return attention_from_qk(attn.ln_q(q), attn.ln_k(k), attn.scale, mask, true_blocks=True)
-
-        return attn, read
-    raise ValueError(f"cannot read the attention of teacher {who}: its blocks' attention is a "
-                     f"{type(attn).__name__}, neither nn.MultiheadAttention nor open_clip's Attention")
 
 
 class _Adapter(nn.Module):
@@ -225,25 +87,11 @@ class _Adapter(nn.Module):
         if len(readers) != self.depth:
             raise RuntimeError(f"{type(self).__name__}: {len(readers)} attention readers for {self.depth} blocks")
         att_ids, ids = self._layer_ids(list(attention_layers)), self._layer_ids(list(layers))
-        found: dict[int, torch.Tensor] = {}
-
-        def make_hook(i, read):
-            def hook(module, args, kwargs):
-                found[i] = read(args, kwargs)
-            return hook
-
-        handles = [readers[i][0].register_forward_pre_hook(make_hook(i, readers[i][1]), with_kwargs=True)
-                   for i in sorted(set(att_ids))]
-        try:
-            run = sorted(set(ids) | ({max(att_ids)} if att_ids else set()))
-            outs = dict(zip(run, self.forward_layers(images, run))) if run else {}
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [i for i in att_ids if i not in found]
-        if missing:
-            raise RuntimeError(f"{type(self).__name__}: blocks {missing} ran without calling their attention module")
-        return [outs[i] for i in ids], [found[i] for i in att_ids]
+        run = sorted(set(ids) | ({max(att_ids)} if att_ids else set()))
+        outs, attns = read_attention(readers, att_ids, lambda: self.forward_layers(images, run) if run else [],
+                                     type(self).__name__)
+        outs = dict(zip(run, outs))
+        return [outs[i] for i in ids], attns
 
     def _input(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1 and self.channels > 1:

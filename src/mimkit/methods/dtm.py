@@ -32,7 +32,7 @@ from mimkit.masking import Mask
 from mimkit.masking.block import BlockMasking
 from mimkit.methods.base import Method
 from mimkit.models import VisionTransformer
-from mimkit.targets.teacher import FrozenTeacher, TeacherConfig, data_stats
+from mimkit.targets.teacher import FrozenTeacher, TeacherConfig
 from mimkit.targets.token_morphing import batch_generator, draw_schedule, morph, token_groups
 
 
@@ -95,11 +95,8 @@ class DTM(Method):
 
     @classmethod
     def from_config(cls, method: DTMConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "DTM":
-        mean, std = data_stats(data, "DTM")
-        if len(method.teacher.layers) != 1:
-            raise ValueError(f"DTM regresses one teacher layer; method.teacher.layers={method.teacher.layers}")
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
-        teacher = FrozenTeacher.from_config(method.teacher, encoder.grid.shape, mean, std)
+        teacher = FrozenTeacher.for_method(method.teacher, encoder.grid.shape, data, "DTM", one_layer=True)
         n = encoder.grid.num_patches
         n1 = round(method.n1 * n) if isinstance(method.n1, float) else method.n1
         return cls(encoder, teacher, method.mask_ratio, method.morph, n1, method.k_max, method.draws, method.beta,

@@ -36,11 +36,12 @@ from pydantic import Field
 
 from mimkit.collapse import mean_entropy, mean_pairwise_cosine
 from mimkit.config import DepthFraction, MethodSection, ModelConfig
+from mimkit.eval.attention import timm_attention_logits
 from mimkit.masking import Mask
 from mimkit.methods.base import Method
 from mimkit.models import VisionTransformer
 from mimkit.models.vit import block_at
-from mimkit.targets.teacher import FrozenTeacher, TeacherConfig, data_stats
+from mimkit.targets.teacher import FrozenTeacher, TeacherConfig
 
 
 class HybridDistillConfig(MethodSection):
@@ -55,16 +56,6 @@ class HybridDistillConfig(MethodSection):
     max_drop: float = Field(0.5, ge=0.0, lt=1.0, description="share of patches removed at the end of training")
     alpha: float = Field(1.0, ge=0.0, description="relation loss weight")
     beta: float = Field(1.0, ge=0.0, description="feature loss weight")
-
-
-def attention_logits(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """q k^T * scale of a timm Attention module for its input x [B, T, D] -> [B, H, T, T] float32, with
-    gradients (the student's relation maps; the block itself still runs its fused kernel)."""
-    b, t, d = x.shape
-    heads = attn.num_heads
-    qkv = attn.qkv(x).reshape(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    return (q.float() * attn.scale) @ k.float().transpose(-2, -1)
 
 
 def kept_relations(attn: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -116,11 +107,10 @@ class HybridDistill(Method):
     @classmethod
     def from_config(cls, method: HybridDistillConfig, model: ModelConfig, img_size, in_chans: int,
                     data=None) -> "HybridDistill":
-        mean, std = data_stats(data, "Hybrid Distillation")
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
         grid = encoder.grid.shape
-        mim = FrozenTeacher.from_config(method.mim_teacher, grid, mean, std)
-        feat = FrozenTeacher.from_config(method.feature_teacher, grid, mean, std)
+        mim = FrozenTeacher.for_method(method.mim_teacher, grid, data, "Hybrid Distillation")
+        feat = FrozenTeacher.for_method(method.feature_teacher, grid, data, "Hybrid Distillation")
         return cls(encoder, mim, feat, method.relation_layers, method.relation_loss, method.feature_loss,
                    method.max_drop, method.alpha, method.beta)
 
@@ -160,7 +150,7 @@ class HybridDistill(Method):
         logits = {}
         for i, block in enumerate(self.encoder.blocks):
             if i in self.student_layers:
-                logits[i] = attention_logits(block.attn, block.norm1(x))
+                logits[i] = timm_attention_logits(block.attn, block.norm1(x))
             x = block(x)
         return self.encoder.norm(x), [logits[i] for i in self.student_layers]
 

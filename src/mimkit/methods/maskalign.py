@@ -39,7 +39,7 @@ from mimkit.masking.attention_sampled import AttentionSampledMasking
 from mimkit.methods.base import Method
 from mimkit.models import VisionTransformer
 from mimkit.models.dynamic_alignment import DynamicAlignment
-from mimkit.targets.teacher import FrozenTeacher, TeacherConfig, data_stats
+from mimkit.targets.teacher import FrozenTeacher, TeacherConfig
 
 
 class MaskAlignConfig(MethodSection):
@@ -90,15 +90,14 @@ class MaskAlign(Method):
     @classmethod
     def from_config(cls, method: MaskAlignConfig, model: ModelConfig, img_size, in_chans: int,
                     data=None) -> "MaskAlign":
-        mean, std = data_stats(data, "MaskAlign")
         if method.teacher.layers != [-1]:
             raise ValueError(f"method.teacher.layers={method.teacher.layers}: maskalign picks the teacher layers "
                              "from the two depths (aligned_layers); leave it unset")
         if method.teacher.drop_cls:
             raise ValueError("method.teacher.drop_cls=true: maskalign aligns the class token too")
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
-        teacher = FrozenTeacher.from_config(method.teacher.model_copy(update={"cache_dir": None}), encoder.grid.shape,
-                                            mean, std)
+        teacher = FrozenTeacher.for_method(method.teacher.model_copy(update={"cache_dir": None}), encoder.grid.shape,
+                                           data, "MaskAlign")
         depth = encoder.depth
         teacher.layers = [teacher_layer_for(j, depth, teacher.depth)
                           for j in aligned_student_layers(depth, method.aligned_layers)]

@@ -36,7 +36,7 @@ from mimkit.config import MethodSection, ModelConfig
 from mimkit.methods.base import Method
 from mimkit.models import VisionTransformer
 from mimkit.models.vit import init_mae_weights
-from mimkit.targets.teacher import FrozenTeacher, TeacherConfig, data_stats
+from mimkit.targets.teacher import FrozenTeacher, TeacherConfig
 from mimkit.targets.vq import EMACosineQuantizer
 
 
@@ -116,11 +116,8 @@ class VQKD(PatchCoding, Method):
 
     @classmethod
     def from_config(cls, method: VQKDConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "VQKD":
-        mean, std = data_stats(data, "VQ-KD")
-        if len(method.teacher.layers) != 1:
-            raise ValueError(f"VQ-KD reconstructs one teacher layer; method.teacher.layers={method.teacher.layers}")
         encoder = VisionTransformer.from_config(model, img_size, in_chans)
-        teacher = FrozenTeacher.from_config(method.teacher, encoder.grid.shape, mean, std)
+        teacher = FrozenTeacher.for_method(method.teacher, encoder.grid.shape, data, "VQ-KD", one_layer=True)
         depth = method.decoder_depth or model.decoder_depth or 3
         return cls(encoder, teacher, method, depth)
 

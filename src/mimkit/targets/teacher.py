@@ -88,6 +88,17 @@ class FrozenTeacher(nn.Module):
             teacher.use_cache(cfg)
         return teacher
 
+    @classmethod
+    def for_method(cls, cfg: TeacherConfig, student_grid, data, who: str, one_layer: bool = False
+                   ) -> "FrozenTeacher":
+        """`from_config` with the run's data statistics (`data_stats`: a clear error without them), as a method
+        `who` builds its teacher. `one_layer`: the method reads a single teacher layer, so a list of several in
+        `cfg.layers` is an error naming them."""
+        mean, std = data_stats(data, who)
+        if one_layer and len(cfg.layers) != 1:
+            raise ValueError(f"{who} reads one teacher layer; method.teacher.layers={cfg.layers}")
+        return cls.from_config(cfg, student_grid, mean, std)
+
     def use_cache(self, cfg: TeacherConfig, rank: int | None = None) -> None:
         """Cache features under cache_dir/<hash of everything that shapes them>, one writer per rank."""
         import hashlib
