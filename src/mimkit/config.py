@@ -118,11 +118,15 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    encoder: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "resnet18", "resnet50"] = Field(
-        "vit_tiny", description="ViT preset, or a timm ResNet for the methods that accept a CNN (a2mim)"
+    encoder: Literal["vit_nano", "vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "resnet18", "resnet50"] = Field(
+        "vit_tiny", description="ViT preset (width x depth: vit_nano 96x6, vit_micro 128x6, vit_tiny 192x12, "
+        "vit_small 384x12, ...), or a timm ResNet for the methods that accept a CNN (a2mim)"
     )
     patch_size: int = Field(4, ge=1, description="ViT patch size; for a CNN, the mask-unit size in pixels")
     depth: int | None = Field(None, ge=1, description="override the preset's number of blocks (quick runs, tests)")
+    embed_dim: int | None = Field(None, ge=8, description="override the preset's width (ViT encoders)")
+    num_heads: int | None = Field(None, ge=1, description="override the preset's attention heads (ViT encoders; "
+                                  "must divide the width)")
     grad_checkpointing: bool = Field(False, description="recompute encoder blocks in the backward pass instead of "
                                      "keeping their activations (less memory, about a third more compute)")
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
