@@ -6,6 +6,7 @@ Heavy imports happen inside the commands so `mimkit --help` answers at once.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -25,12 +26,18 @@ def _cmd_pretrain(args) -> int:
 
         init = load_checkpoint(_checkpoint_path(args.init))
         base = {k: v for k, v in init["config"].items() if k in ("method", "model", "data", "optim", "eval")}
-    cfg = load_config(args.config, args.overrides, base=base)
+    if args.resume and not args.init:  # the run's own settings, with the overrides on top
+        from mimkit.engine.resume import config_for_resume
+
+        cfg = config_for_resume(args.resume, args.config, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides, base=base)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
     method = _init_method(cfg, init, args.init) if init else None
-    result = train(cfg, resume=args.resume, method=method)
+    result = train(cfg, resume=args.resume, method=method,
+                   allow_config_change=getattr(args, "allow_config_change", False))
     if not result.is_global_zero:
         return 0
     run_dir = Path(result.run_dir)
@@ -232,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help=f"YAML recipe ({recipe})")
         p.add_argument("--resume", help="checkpoint or run folder to continue, or 'auto' (last.ckpt of this run)")
         p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+        p.add_argument("--allow-config-change", action="store_true",
+                       help="with --resume: apply overrides that change what is trained (method, model, data, optim)")
         p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
 
     s = sub.add_parser("pretrain", help="pretrain an encoder (default: MAE ViT-Tiny/4 on Fashion-MNIST)")
@@ -332,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     except known as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        ckpt = getattr(err, "checkpoint", None)  # engine.TrainingInterrupted: the run can be continued
+        again = f"; continue with: mimkit pretrain --resume {shlex.quote(str(err.run_dir))}" if ckpt else ""
+        print(f"interrupted{again}", file=sys.stderr)
         return 130
 
 

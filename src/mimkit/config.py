@@ -216,6 +216,9 @@ class TrainerConfig(Section):
         "the lr schedule still spans the full run"
     )
     log_every_steps: int = Field(10, ge=1)
+    loggers: list[Literal["csv", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["csv", "tensorboard"], description="where metrics go: csv (<run>/metrics.csv), "
+        "tensorboard (<run>/tensorboard), wandb, mlflow (these two need their package installed)")
     progress: bool = True
     compile: bool = Field(False, description="torch.compile the method's forward (first steps are slower)")
     nan_retries: int = Field(0, ge=0, description="on a NaN/inf loss, roll back to the last good checkpoint, lower "

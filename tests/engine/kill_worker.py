@@ -37,10 +37,11 @@ def run(say, out_dir: str, run_name: str, mode: str, overrides=()) -> None:
     torch.set_num_threads(1)  # as in the tests: bitwise comparisons need the same thread count
     from lightning.fabric import Fabric
 
+    import mimkit.engine.loop as loop_mod
     import mimkit.engine.trainer as trainer_mod
     from mimkit.engine import checkpoint as ckpt_io
 
-    lr_at = trainer_mod.lr_at
+    lr_at = loop_mod.lr_at
     mode, _, at = mode.partition(":")
     at = int(at or 0)
     current = [-1]
@@ -50,7 +51,7 @@ def run(say, out_dir: str, run_name: str, mode: str, overrides=()) -> None:
         say(f"step {step}")
         return lr_at(step, *args, **kwargs)
 
-    trainer_mod.lr_at = announcing_lr_at
+    loop_mod.lr_at = announcing_lr_at
 
     if mode == "slow_commit":
         commit = ckpt_io.commit_file

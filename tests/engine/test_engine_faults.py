@@ -185,21 +185,22 @@ def test_sigkill_at_random_moments_leaves_whole_checkpoints_and_resume_is_exact(
 def test_epoch_end_checkpoint_is_written_after_validation(tmp_path, monkeypatch):
     """A step checkpoint that falls on an epoch's last step waits for the validation: a run killed during
     the validation resumes before it and validates again (nothing of the epoch end is skipped)."""
-    import mimkit.engine.trainer as trainer_mod
+    from mimkit.engine.callbacks.validation import Validation
+    from mimkit.engine.loop import Loop
 
     order = []
-    save, validate = trainer_mod._Loop.save, trainer_mod._Loop.validate
+    save, validate = Loop.save_checkpoint, Validation.validate
 
-    def rec_save(self, step, epoch, position, keep_copy=False):
-        order.append(("save", step, epoch, position))
-        return save(self, step, epoch, position, keep_copy)
+    def rec_save(self, keep_copy=False):
+        order.append(("save", self.step, self.epoch, self.position))
+        return save(self, keep_copy)
 
-    def rec_validate(self):
+    def rec_validate(self, run):
         order.append(("validate",))
-        return validate(self)
+        return validate(self, run)
 
-    monkeypatch.setattr(trainer_mod._Loop, "save", rec_save)
-    monkeypatch.setattr(trainer_mod._Loop, "validate", rec_validate)
+    monkeypatch.setattr(Loop, "save_checkpoint", rec_save)
+    monkeypatch.setattr(Validation, "validate", rec_validate)
     train(tiny_config(tmp_path, "model.depth=1", "optim.max_steps=12", "trainer.checkpoint_every_steps=4",
                       "trainer.checkpoint_every_epochs=null"), data=tiny_data())
     assert order == [("save", 4, 0, 32), ("validate",), ("save", 8, 1, 0), ("save", 12, 1, 32), ("validate",)]

@@ -11,7 +11,11 @@ Layout of a mimkit checkpoint (a dict saved with torch.save, holding only tensor
     rng: {"torch": ByteTensor, "cuda": [ByteTensor, ...], "python": random.getstate()} of rank 0;
     metrics: the last logged scalars;
     nan_guard: {"lr_scale": product of trainer.nan_lr_factor so far, "rollbacks": NaN rollbacks so far}
-    (absent in older files: 1.0 and 0)
+    (absent in older files: 1.0 and 0);
+    callbacks: {state_key: state} of the run's callbacks that keep state (engine.callbacks)
+  checksum: "crc32:XXXXXXXX" over every tensor's bytes, dtype, shape and place (absent in
+    files written before it existed, which still load); verified on every load, so a file damaged on disk
+    is reported instead of trained on.
 
 Crash safety: a file is written under a temporary name in its own folder (`.NAME.tmp`, or `.NAME.<random>.tmp`
 for `atomic_write`), fsynced, then renamed over the final name and the folder fsynced. A process killed at any
@@ -24,6 +28,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -70,12 +75,19 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call `write(tmp_path)`, then rename into place: readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the modes open() would give it
     try:
         write(tmp)
         commit_file(tmp, path)
@@ -88,27 +100,120 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a mimkit checkpoint on the CPU with `weights_only=True`: a file whose pickle would run code is refused."""
+def _walk(obj, path: str, crc: int) -> int:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        crc = zlib.crc32(f"{path}|{t.dtype}|{tuple(t.shape)}|".encode(), crc)
+        return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().data, crc) if t.numel() else crc
+    if isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            crc = _walk(obj[key], f"{path}/{key}", crc)
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            crc = _walk(item, f"{path}/{i}", crc)
+    return crc
+
+
+def checksum(ckpt: dict) -> str:
+    """CRC-32 of a checkpoint's tensor data: every tensor's bytes, dtype, shape and place in the checkpoint.
+    Plain values (settings, progress) are left out, so a hand-edited config (a teacher that moved) still
+    loads; damage there fails the unpickling or the settings' validation instead."""
+    return f"crc32:{_walk({k: v for k, v in ckpt.items() if k != 'checksum'}, '', 0):08x}"
+
+
+def with_checksum(ckpt: dict) -> dict:
+    return {**ckpt, "checksum": checksum(ckpt)}
+
+
+def save_checkpoint_file(ckpt: dict, path: str | Path) -> None:
+    """Write a mimkit checkpoint dict atomically, with its checksum."""
+    atomic_torch_save(with_checksum(ckpt), path)
+
+
+# what a file that is not a torch.save file usually is, by its first bytes
+_KNOWN_KINDS = (
+    (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+    (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"\x1f\x8b", "a gzip file"),
+    (b"BM", "a BMP image"), (b"RIFF", "a RIFF (WebP/WAV) file"), (b"%PDF", "a PDF file"),
+)
+
+
+def _not_torch_file(path: Path, head: bytes) -> str | None:
+    """Why `path` cannot be a torch.save file, from its first bytes (None when it may be one)."""
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None  # torch's zip format, or the legacy pickle format
+    if not head:
+        return "it is empty"
+    for magic, kind in _KNOWN_KINDS:
+        if head.startswith(magic):
+            return f"it is {kind}"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 28:
+        return "it is a safetensors file (weights only, no run settings; import it with `mimkit import-mae`)"
+    try:
+        head.decode("utf-8")
+        return "it is a text file"
+    except UnicodeDecodeError:
+        return "its first bytes are not those of a file written by torch.save"
+
+
+def torch_load_file(path: str | Path, what: str = "checkpoint", safe_globals=()):
+    """`torch.load(weights_only=True)` on the CPU, with one CheckpointError for anything that is not a whole,
+    readable torch file: not found, another kind of file, truncated, damaged, or holding objects whose
+    unpickling could execute code."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    reason = _not_torch_file(path, head)
+    if reason is not None:
+        raise CheckpointError(f"{path} is not a {what}: {reason}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors and plain values, and loading it "
-            f"could execute code ({str(err).splitlines()[0]})"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+        text = str(err)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        reasons = [ln for ln in lines if "GLOBAL" in ln or "Unsupported global" in ln]
+        if reasons:
+            raise CheckpointError(
+                f"refusing to load {path}: it holds objects other than tensors and plain values, and loading it "
+                f"could execute code ({reasons[0]})") from None
+        raise CheckpointError(f"cannot read {what} {path}: the file is damaged ({lines[-1] if lines else err!r})"
+                              ) from None
+    except MemoryError:
+        raise
+    except Exception as err:  # truncated or damaged files fail in many ways inside torch.load
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read {what} {path}: the file is damaged or truncated "
+                              f"({type(err).__name__}: {first})") from None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a mimkit checkpoint on the CPU with `weights_only=True` (a file whose pickle would run code is
+    refused) and verify its checksum; every kind of unusable file gives one CheckpointError naming it."""
+    path = Path(path)
+    ckpt = torch_load_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a mimkit checkpoint (no format={FORMAT!r} marker); "
             f"to import facebookresearch/mae weights use `mimkit.interop` (mimkit import-mae)"
         )
-    if ckpt.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path} was written by a newer mimkit (format version {ckpt['version']} > {VERSION})")
+    version = ckpt.get("version", 0)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path} is damaged: its format version is {version!r}")
+    if version > VERSION:
+        raise CheckpointError(f"{path} was written by a newer mimkit (format version {version} > {VERSION})")
+    stored = ckpt.get("checksum")
+    if stored is not None:
+        try:
+            actual = checksum(ckpt)
+        except Exception as err:  # a damaged tensor can fail to be read back as bytes
+            raise CheckpointError(f"{path} is damaged: its content cannot be checksummed ({err})") from None
+        if actual != stored:
+            raise CheckpointError(
+                f"{path} is damaged: its content does not match the checksum stored when it was written "
+                f"({actual} != {stored!r}); use an earlier checkpoint (e.g. checkpoints/epoch_*.ckpt)")
     return ckpt
 
 

@@ -1,9 +1,8 @@
-"""Run logging on rank zero: metrics.csv (one row per logged step) and TensorBoard scalars."""
+"""metrics.csv: one row per logged step, columns growing as metrics appear, rewound on resume and rollback."""
 
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
 
@@ -60,33 +59,3 @@ def read_metrics(path: str | Path) -> list[dict]:
         for row in csv.DictReader(fh):
             out.append({k: (int(float(v)) if k == "step" else float(v)) for k, v in row.items() if v not in ("", None)})
     return out
-
-
-class RunLogger:
-    """CSV + TensorBoard, active on rank zero only (other ranks get a no-op logger)."""
-
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None):
-        self.enabled = enabled
-        self.csv = None
-        self.tb = None
-        if not enabled:
-            return
-        self.csv = MetricsCSV(run_dir / "metrics.csv", resume_step)
-        try:
-            from lightning.fabric.loggers import TensorBoardLogger
-
-            self.tb = TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
-        except ModuleNotFoundError:  # tensorboard is a declared dependency; keep training if it is missing
-            self.tb = None
-
-    def log(self, metrics: dict, step: int) -> None:
-        if not self.enabled:
-            return
-        metrics = {k: _plain(v) for k, v in metrics.items()}
-        self.csv.log(metrics, step)
-        if self.tb is not None:
-            self.tb.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.finalize("success")

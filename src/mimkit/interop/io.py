@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 from pathlib import Path
 
 import torch
 
-from mimkit.engine.checkpoint import FORMAT, VERSION, CheckpointError, atomic_torch_save, atomic_write
+from mimkit.engine.checkpoint import FORMAT, VERSION, CheckpointError, atomic_write, save_checkpoint_file, torch_load_file
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -42,37 +41,18 @@ def save_method_checkpoint(method, cfg, data_meta: dict, path: str | Path, **ext
     state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
     ckpt = {"format": FORMAT, "version": VERSION, "config": config, "data": data, "model": state, **extra}
     path = Path(path)
-    atomic_torch_save(ckpt, path)
+    save_checkpoint_file(ckpt, path)  # with the checksum `load_checkpoint` verifies
     return path
 
 
-def _refusal(path: Path, err: Exception) -> CheckpointError:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    # torch's message starts with advice to retry with weights_only=False; keep only the reason
-    reasons = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln or "unsupported" in ln]
-    first = reasons[0] if reasons else (lines[-1] if lines else type(err).__name__)
-    return CheckpointError(
-        f"refusing to load {path}: it holds objects other than tensors and plain values, and unpickling it "
-        f"could execute code ({first}). Convert it to .safetensors in an environment you trust."
-    )
-
-
 def torch_load_safe(path: str | Path):
-    """`torch.load(weights_only=True)` on the CPU with errors that name the file.
+    """`torch.load(weights_only=True)` on the CPU with one clear error for any unusable file (engine.checkpoint.
+    torch_load_file: not a torch file, truncated, damaged, or holding objects that could execute code).
 
     `argparse.Namespace` is also allowed (facebookresearch/mae stores its run arguments in training
     checkpoints); it only carries plain values and runs no code when rebuilt.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"file not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise _refusal(path, err) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from None
+    return torch_load_file(path, what="weights file", safe_globals=[argparse.Namespace])
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
