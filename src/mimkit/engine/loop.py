@@ -62,7 +62,7 @@ class Loop:
     def print(self, msg: str) -> None:
         if self.rank0:
             if self.bar is not None:
-                self.bar.write(msg)
+                self.bar.write(msg, file=sys.stderr)  # tqdm.write's default is stdout
             else:
                 print(msg, file=sys.stderr, flush=True)
 

@@ -66,6 +66,13 @@ def reconcile(stored: dict, requested: PretrainConfig, checkpoint: Path, allow_c
     """The configuration a resume runs with: the run's stored settings, plus the requested changes that keep it
     the same run (all requested changes when `allow_change`). Returns it with a line per applied change;
     raises ConfigError listing the other differences."""
+    # settings added to mimkit after the run was written take their defaults, not count as changes
+    try:
+        stored = build_config(PretrainConfig, stored).model_dump(mode="json")
+    except ConfigError as err:
+        from mimkit.engine.checkpoint import CheckpointError
+
+        raise CheckpointError(f"the settings stored in {checkpoint} are not valid for this mimkit: {err}") from None
     wanted = requested.model_dump(mode="json")
     diffs = [(k, a, b) for k, a, b in config_differences(stored, wanted)
              if not (b is None and k in _RESOLVED_AT_START)]

@@ -24,7 +24,10 @@ def nonfinite(tensors, loop) -> bool:
 
 
 def optimizer_tensors(optimizer):
-    for state in optimizer.state_dict()["state"].values():
+    """This rank's optimizer state tensors, read from the torch optimizer itself (Fabric's state_dict() would
+    gather the full state under FSDP, a collective)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
         yield from (v for v in state.values() if torch.is_tensor(v))
 
 

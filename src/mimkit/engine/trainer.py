@@ -24,10 +24,9 @@ from mimkit.engine import checkpoint as ckpt_io
 from mimkit.engine.callbacks import VAL_STREAM
 from mimkit.engine.errors import TrainingDiverged, TrainingInterrupted
 from mimkit.engine.loggers import check_available
-from mimkit.engine.optim import lr_at
 from mimkit.engine.setup import _under_srun, _under_torchrun, default_run_prefix, make_fabric, resolve_resume
 
-__all__ = ["VAL_STREAM", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "default_run_prefix", "lr_at",
+__all__ = ["VAL_STREAM", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "default_run_prefix",
            "make_fabric", "resolve_resume", "train"]
 
 

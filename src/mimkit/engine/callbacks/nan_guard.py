@@ -1,5 +1,5 @@
 """NaN/inf guard: before every optimizer step the loss, the gradient norm and the gradients are checked, after it
-the weights; on a non-finite value the step is never applied to a checkpoint.
+the weights and the optimizer state; on a non-finite value the step is never applied to a checkpoint.
 
 With trainer.nan_retries = 0 the run stops with TrainingDiverged, the last checkpoint intact. With R > 0 it rolls
 back to the last good checkpoint (weights, optimizer, scaler, RNG, progress, callback states; a checkpoint is
@@ -19,7 +19,7 @@ import math
 
 from mimkit.engine.callbacks.base import Callback
 from mimkit.engine.errors import StepRejected, TrainingDiverged
-from mimkit.engine.state import nonfinite
+from mimkit.engine.state import nonfinite, optimizer_tensors
 
 
 class NaNGuard(Callback):
@@ -44,8 +44,8 @@ class NaNGuard(Callback):
 
     def on_after_optimizer_step(self, run, step: int) -> None:
         loop = run.engine
-        if nonfinite([*loop.model.parameters(), *loop.model.buffers()], loop):
-            self.diverged(run, step, "the update made weights NaN/inf", float("nan"), applied=True)
+        if nonfinite([*loop.model.parameters(), *loop.model.buffers(), *optimizer_tensors(loop.optimizer)], loop):
+            self.diverged(run, step, "the update made weights or optimizer state NaN/inf", loop.loss, applied=True)
 
     def diverged(self, run, step: int, what: str, loss: float, applied: bool = False) -> None:
         """A non-finite value at 0-based `step`. With rollbacks left, restore the last checkpoint with a lower lr

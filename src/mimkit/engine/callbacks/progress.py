@@ -44,8 +44,7 @@ class ProgressBar(Callback):
             per_step = sum(self.step_times[1:]) / ESTIMATE_AFTER
             left = run.total_steps - step
             run.print(f"expected: about {format_duration(per_step * left)} for the {left:,} remaining steps "
-                      f"({per_step:.3g} s/step over steps {step - ESTIMATE_AFTER + 1}-{step}; validation and "
-                      f"checkpoints not included)")
+                      f"({per_step:.3g} s/step over {ESTIMATE_AFTER} steps; validation and checkpoints not included)")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                  img_s=f"{loop.run_steps * loop.batch_size / max(loop.train_time, 1e-9):.0f}",
