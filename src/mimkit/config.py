@@ -245,6 +245,13 @@ class EvalConfig(Section):
     recon_every_epochs: int = Field(1, ge=0, description="save <run>/recon/step_NNNNNN.png every N epochs (0: never)")
     # `mimkit eval --protocol ...` (linear / attentive / finetune / fewshot / layers); see mimkit.eval.protocols
     pool: Literal["cls", "mean"] = Field("cls", description="image feature: class token or mean patch token")
+    online_probe_every_steps: int | None = Field(
+        None, ge=1, description="during pretraining, every N steps: kNN and linear-probe accuracy on a fixed "
+        "labelled subset of the held-out validation images (logged as online_knn / online_linear; null: off)")
+    online_probe_images: int = Field(2000, ge=4, description="held-out images the online probe uses (half bank/"
+                                     "train, half queries/test)")
+    baseline_table: bool = Field(False, description="end `mimkit pretrain` with eval.label_cells for the run's "
+                                 "encoder, the same architecture at random init, and raw pixels")
     layers: list[int] | None = Field(None, description="kNN/linear features from these blocks (concatenated); "
                                      "for the layers protocol, the blocks probed (default all)")
     batch_size: int = Field(256, ge=1, description="images per forward pass when extracting features")

@@ -160,3 +160,13 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     shot = tmp_path / "report.png"
     res = _chromium(["--window-size=1280,2400", f"--screenshot={shot}", page.as_uri()], tmp_path)
     assert res.returncode == 0 and shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_report_draws_the_online_probe_curve(tmp_path):
+    run = tmp_path / "probed"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step,loss,lr,online_knn,online_linear\n0,,,0.5,0.6\n1,2.0,0.001,,\n"
+                                     "2,1.5,0.002,0.7,0.8\n")
+    html = build_report(run).read_text()
+    assert html.count("data:image/svg+xml") == 3  # loss, lr and the online probe
+    assert "online probe on fixed held-out images" in html

@@ -118,6 +118,11 @@ def _training_section(run_dir: Path) -> str:
     if lx:
         out.append(_chart(line_chart_svg([{"x": lx, "y": ly, "label": "lr"}], "Learning rate", "optimizer step", "lr"),
                           "learning rate schedule", "lr curve"))
+    probe = [{"x": _series(rows, k)[0], "y": [100 * v for v in _series(rows, k)[1]], "label": label, "markers": True}
+             for k, label in (("online_linear", "linear probe"), ("online_knn", "kNN")) if any(k in r for r in rows)]
+    if probe:
+        out.append(_chart(line_chart_svg(probe, "Online probe", "optimizer step", "top-1 %"),
+                          "online probe on fixed held-out images (eval.online_probe_every_steps)", "online probe"))
     extra = [k for k in ("grad_norm", "images_per_s") if any(k in r for r in rows)]
     for k in extra:
         ex, ey = _series(rows, k)

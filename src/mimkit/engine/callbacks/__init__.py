@@ -33,7 +33,8 @@ eval mode, on `run.method` (a forward through `run.model` would be seen by DDP);
 are sharded, so evaluate through `run.model` on every rank. Do not step the optimizer or change the weights.
 
 mimkit's own callbacks, one file each: MetricsLogging (metrics_logging.py), ProgressBar (progress.py),
-Validation (validation.py), Reconstructions (reconstructions.py), NaNGuard (nan_guard.py), Checkpointing
+Validation (validation.py), Reconstructions (reconstructions.py), NaNGuard (nan_guard.py), OnlineProbe
+(online_probe.py; kNN + linear probe every eval.online_probe_every_steps), Checkpointing
 (checkpointing.py; always last).
 """
 
@@ -41,18 +42,23 @@ from mimkit.engine.callbacks.base import Callback, CallbackList, RunView, isolat
 from mimkit.engine.callbacks.checkpointing import Checkpointing
 from mimkit.engine.callbacks.metrics_logging import MetricsLogging
 from mimkit.engine.callbacks.nan_guard import NaNGuard
+from mimkit.engine.callbacks.online_probe import OnlineProbe
 from mimkit.engine.callbacks.progress import ProgressBar
 from mimkit.engine.callbacks.reconstructions import Reconstructions
 from mimkit.engine.callbacks.validation import VAL_STREAM, Validation
 
 
 def default_callbacks(extra: list[Callback] = ()) -> list[Callback]:
-    """mimkit's callbacks in the order they run, with `extra` (the caller's) before the checkpointing."""
+    """mimkit's callbacks in the order they run, with `extra` (the caller's) before the checkpointing. The
+    online probe (off unless eval.online_probe_every_steps is set) is left out when `extra` brings its own."""
     for cb in extra:
         if not isinstance(cb, Callback):
             raise TypeError(f"callbacks must be mimkit.engine.callbacks.Callback instances, got {type(cb).__name__}")
-    return [MetricsLogging(), ProgressBar(), Validation(), Reconstructions(), NaNGuard(), *extra, Checkpointing()]
+    probe = [] if any(isinstance(cb, OnlineProbe) for cb in extra) else [OnlineProbe()]
+    return [MetricsLogging(), ProgressBar(), Validation(), Reconstructions(), NaNGuard(), *probe, *extra,
+            Checkpointing()]
 
 
-__all__ = ["VAL_STREAM", "Callback", "CallbackList", "Checkpointing", "MetricsLogging", "NaNGuard", "ProgressBar",
+__all__ = ["VAL_STREAM", "Callback", "CallbackList", "Checkpointing", "MetricsLogging", "NaNGuard", "OnlineProbe",
+           "ProgressBar",
            "Reconstructions", "RunView", "Validation", "default_callbacks", "isolated_rng"]
