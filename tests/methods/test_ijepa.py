@@ -59,6 +59,33 @@ def test_the_encoder_sees_only_the_context():
     assert not torch.allclose(m.target_features(batch["image"]), m.target_features(changed))  # the teacher sees all
 
 
+def test_the_training_step_keys_the_block_sizes_so_ranks_and_micro_batches_agree():
+    # the reference draws one target and one context size per batch from a counter every worker shares; here
+    # the optimizer step: two ranks' (or micro-batches') images at one step get blocks of the same size
+    m = _ijepa()
+    m.train()
+    seeds = torch.arange(8) * 7919 + 11
+    shapes = set()
+    for step in range(6):
+        m.begin_step(step, 10)
+        full = m.blocks({"seed": seeds})
+        first, second = m.blocks({"seed": seeds[:4]}), m.blocks({"seed": seeds[4:]})
+        assert torch.equal(torch.cat([first.targets, second.targets]), full.targets)
+        c = full.context.shape[1]
+        assert torch.equal(torch.cat([first.context[:, :c], second.context[:, :c]]), full.context)
+        other = m.blocks({"seed": seeds + 12345})  # other images at the same step: the same block size
+        assert other.targets.shape == full.targets.shape
+        # whole blocks: each target's patches fill the rectangle they span
+        rows, cols = full.targets // 7, full.targets % 7
+        spans = (rows.amax(-1) - rows.amin(-1) + 1) * (cols.amax(-1) - cols.amin(-1) + 1)
+        assert (spans == full.targets.shape[-1]).all()
+        shapes.add(full.targets.shape[-1])
+    assert len(shapes) > 1  # and the size changes from step to step
+    # outside training (validation, pictures) the batch's seeds key the sizes
+    m.eval()
+    assert torch.equal(m.blocks({"seed": seeds}).targets, MultiBlockMasking()(seeds, (7, 7)).targets)
+
+
 def test_teacher_gets_no_gradient_and_follows_the_linear_schedule():
     m = _ijepa()
     assert m.momentum(0.0) == pytest.approx(0.996) and m.momentum(0.5) == pytest.approx(0.998)

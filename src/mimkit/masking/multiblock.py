@@ -1,7 +1,8 @@
 """I-JEPA's multi-block masking (Assran et al., CVPR 2023; facebookresearch/ijepa `src/masks/multiblock.py`).
 
-Per image: `num_targets` target rectangles (scale U(0.15, 0.2) of the grid, aspect h/w U(0.75, 1.5)) placed
-independently (they may overlap each other), and one context rectangle (scale U(0.85, 1), aspect 1) with every
+Per batch: one target block size (scale U(0.15, 0.2) of the grid, aspect h/w U(0.75, 1.5)) and one context
+block size (scale U(0.85, 1), aspect 1), as the reference's collator draws them. Per image: `num_targets` target
+rectangles of that size placed independently (they may overlap each other), and one context rectangle with every
 target removed from it. The encoder sees the context; the predictor predicts the teacher's features of each
 target block. If after `attempts` placements the context keeps no more than `min_keep` patches, the last target's
 exclusion is dropped and the search goes on (the reference's relaxation), so a context always exists.
@@ -9,14 +10,18 @@ exclusion is dropped and the search goes on (the reference's relaxation), so a c
 Block sizes: max_keep = int(N * scale), h = round(sqrt(max_keep * aspect)), w = round(sqrt(max_keep / aspect)),
 each side then cut to at most grid side - 1 (the reference's rule: a block is strictly smaller than the grid).
 
-Context and target counts vary from image to image (blocks of different sizes, targets cut out of the context),
-so, as the reference's collator does, every image of a batch keeps only the first (raster order) `c_min` context
-patches and every target block the first `t_min` of its patches, the smallest counts in the batch: the tensors
-are then rectangular ([B, c_min] and [B, num_targets, t_min]).
+Every target block of a batch has the same size, so the targets tensor [B, num_targets, h * w] holds whole
+rectangles. Context counts still vary from image to image (targets are cut out of it), so, as the reference's
+collator does, every image keeps only the first (raster order) `c_min` context patches, the smallest count in
+the batch.
+
+Where the randomness comes from: the batch's two sizes from `rng.generator(size_key, 45)`, where `size_key` is
+the training step when the method passes it (I-JEPA does: every rank and every micro-batch of one optimizer
+step then draws the same sizes, as the reference's shared iteration counter gives), else a hash of the batch's
+sorted seeds; each image's placements from `rng.generator(seed, 41)`.
 
 Differences from the reference, all deliberate:
-  - block sizes are drawn per image from the image's seed (the reference draws one target size and one context
-    size per batch from an iteration counter); every per-image choice comes from `rng.generator(seed, 41)`;
+  - the size key is the optimizer step (the reference counts collator calls, from 0 in every run);
   - scale and aspect are independent draws (the reference reuses one uniform for both, so big blocks are always
     the tall ones);
   - the top-left corner is uniform over every position where the block fits (the reference's
@@ -81,6 +86,7 @@ class MultiBlockMasking:
     """
 
     stream = 41  # rng stream of the per-image generator (random: 1, coarse: 2, block: 3)
+    size_stream = 45  # rng stream of the per-batch size generator (models.predictor uses 42-44)
 
     def __init__(self, num_targets: int = 4, target_scale: tuple[float, float] = (0.15, 0.2),
                  target_aspect: tuple[float, float] = (0.75, 1.5), context_scale: tuple[float, float] = (0.85, 1.0),
@@ -120,21 +126,33 @@ class MultiBlockMasking:
         left = int(torch.randint(0, gw - w + 1, (1,), generator=g))
         return top, left
 
-    def sample(self, g: torch.Generator, grid_shape: tuple[int, int]) -> tuple[torch.Tensor, list[Rect], Rect, int]:
-        """One image: (context Bool[gh, gw], target rectangles, the context rectangle before the cut, how many
-        targets' exclusions had to be dropped (the last ones) to leave the context more than min_keep patches)."""
+    def sizes(self, g: torch.Generator, grid_shape: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((h, w) of the target blocks, (h, w) of the context block) for one batch."""
+        target = self._size(g, grid_shape, self.target_scale, self.target_aspect)
+        context = self._size(g, grid_shape, self.context_scale, self.context_aspect)
+        return target, context
+
+    def batch_sizes(self, seeds: torch.Tensor, grid_shape: tuple[int, int], size_key: int | None = None):
+        """The batch's sizes from `size_key` (the training step), or from a hash of its sorted seeds."""
+        key = int(size_key) if size_key is not None else rng.combine(*sorted(seeds.tolist()))
+        return self.sizes(rng.generator(key, self.size_stream), grid_shape)
+
+    def sample(self, g: torch.Generator, grid_shape: tuple[int, int],
+               sizes: tuple[tuple[int, int], tuple[int, int]]) -> tuple[torch.Tensor, list[Rect], Rect, int]:
+        """One image with the batch's `sizes` (from `sizes()`): (context Bool[gh, gw], target rectangles, the
+        context rectangle before the cut, how many targets' exclusions had to be dropped (the last ones) to
+        leave the context more than min_keep patches)."""
         gh, gw = grid_shape
+        (th, tw), (h, w) = sizes
         targets: list[Rect] = []
         for _ in range(self.num_targets):
-            h, w = self._size(g, grid_shape, self.target_scale, self.target_aspect)
-            top, left = self._place(g, grid_shape, h, w)
-            targets.append((top, left, h, w))
+            top, left = self._place(g, grid_shape, th, tw)
+            targets.append((top, left, th, tw))
         allowed = []  # per target: True outside it
-        for top, left, h, w in targets:
+        for top, left, bh, bw in targets:
             region = torch.ones(gh, gw, dtype=torch.bool)
-            region[top: top + h, left: left + w] = False
+            region[top: top + bh, left: left + bw] = False
             allowed.append(region)
-        h, w = self._size(g, grid_shape, self.context_scale, self.context_aspect)
         need = self.min_keep_count(gh * gw)
         dropped, left_tries = 0, self.attempts
         while True:
@@ -151,21 +169,22 @@ class MultiBlockMasking:
             if left_tries == 0:
                 dropped, left_tries = dropped + 1, self.attempts
 
-    def __call__(self, seeds: torch.Tensor, grid_shape: tuple[int, int]) -> MultiBlockMask:
-        """Context [B, c_min] and targets [B, K, t_min] (raster order, trimmed to the batch's smallest counts);
-        image b's blocks come from `rng.generator(seeds[b], stream=41)`."""
+    def __call__(self, seeds: torch.Tensor, grid_shape: tuple[int, int],
+                 size_key: int | None = None) -> MultiBlockMask:
+        """Context [B, c_min] (raster order, trimmed to the batch's smallest count) and whole target blocks
+        [B, K, h * w]; the sizes come from `size_key` (see `batch_sizes`), image b's placements from
+        `rng.generator(seeds[b], stream=41)`."""
         gh, gw = int(grid_shape[0]), int(grid_shape[1])
+        sizes = self.batch_sizes(seeds, (gh, gw), size_key)
         contexts, targets = [], []
         for s in seeds.tolist():
-            context, rects, _, _ = self.sample(rng.generator(int(s), self.stream), (gh, gw))
+            context, rects, _, _ = self.sample(rng.generator(int(s), self.stream), (gh, gw), sizes)
             contexts.append(context.view(-1).nonzero().view(-1))
-            targets.append([_rect_indices(r, gw) for r in rects])
+            targets.append(torch.stack([_rect_indices(r, gw) for r in rects]))
         c_min = min(len(c) for c in contexts)
-        t_min = min(len(t) for blocks in targets for t in blocks)
         device = seeds.device
         context = torch.stack([c[:c_min] for c in contexts]).to(device)
-        target = torch.stack([torch.stack([t[:t_min] for t in blocks]) for blocks in targets]).to(device)
-        return MultiBlockMask(context=context, targets=target, num_patches=gh * gw)
+        return MultiBlockMask(context=context, targets=torch.stack(targets).to(device), num_patches=gh * gw)
 
 
 def _rect_indices(rect: Rect, gw: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """I-JEPA (Assran et al., CVPR 2023; facebookresearch/ijepa `src/train.py`): predict, from one large context
 block, the target encoder's features of several target blocks of the same image. No pixels, no augmentation.
 
-Slots: MultiBlockMasking (1 context block minus 4 target blocks, trimmed to the batch's smallest counts) ->
+Slots: MultiBlockMasking (1 context block minus 4 whole target blocks, one size of each per batch, keyed by the
+training step; the context trimmed to the batch's smallest count) ->
 VisionTransformer on the context patches (`ids_keep`) -> JEPAPredictor (context + one query per target patch) ->
 target: EMATeacher of the encoder on the FULL image, per-token LayerNorm without affine, gathered at each target
 block -> SmoothL1 (the released code; the paper writes L2: `method.loss=mse`) averaged over every value.
@@ -85,6 +86,7 @@ class IJEPA(Method):
         self.loss_kind = loss
         self.schedule = teacher or EMASchedule(kind="linear", start=0.996, end=1.0)
         self.teacher = EMATeacher(self.encoder)
+        self.size_key: int | None = None  # the optimizer step, set by begin_step: keys the batch's block sizes
 
     @classmethod
     def make_queries(cls, method: IJEPAConfig, dim: int, pos_scale: float) -> nn.Module:
@@ -107,8 +109,15 @@ class IJEPA(Method):
     def end_step(self, step: int, total_steps: int) -> None:
         self.teacher.update(self.encoder, self.momentum(step / max(1, total_steps)))
 
+    def begin_step(self, step: int, total_steps: int) -> None:
+        super().begin_step(step, total_steps)
+        self.size_key = step
+
     def blocks(self, batch: dict) -> MultiBlockMask:
-        return self.masking(batch["seed"], self.grid.shape)
+        # in training the step keys the block sizes, so every rank and micro-batch of one step draws the same
+        # sizes (the reference's shared counter); elsewhere they come from the batch's seeds
+        key = self.size_key if self.training else None
+        return self.masking(batch["seed"], self.grid.shape, size_key=key)
 
     def make_mask(self, batch: dict) -> Mask:
         """For pictures: `masked` = the union of the target blocks, `ids_keep` = the context."""
