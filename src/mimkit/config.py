@@ -187,7 +187,10 @@ class OptimConfig(Section):
     base_lr: float = Field(1.5e-3, gt=0.0, description="lr = base_lr * batch_size / 256")
     lr: float | None = Field(None, gt=0.0, description="absolute lr; overrides base_lr when set")
     min_lr: float = Field(0.0, ge=0.0)
-    weight_decay: float = Field(0.05, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0, description="AdamW weight decay (of the start, with weight_decay_end)")
+    weight_decay_end: float | None = Field(
+        None, ge=0.0, description="cosine weight-decay schedule from weight_decay to this over training, as "
+        "DINO/iBOT (0.04 -> 0.4); null: constant weight_decay")
     betas: tuple[float, float] = (0.9, 0.95)
     epochs: float = Field(1, gt=0, description="training length in epochs (fractions allowed)")
     max_steps: int | None = Field(None, ge=1, description="run length in optimizer steps; overrides epochs when set")

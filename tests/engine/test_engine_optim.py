@@ -7,7 +7,9 @@ import math
 import pytest
 
 from mimkit.config import OptimConfig, PretrainConfig
-from mimkit.engine.optim import build_optimizer, lr_at, param_groups, warmup_steps
+from mimkit.engine.optim import (
+    build_optimizer, lr_at, param_groups, set_weight_decay, warmup_steps, weight_decay_at,
+)
 from mimkit.methods import build_method
 
 
@@ -82,3 +84,18 @@ def test_groups_survive_fabric_wrapping():
     plain = {id(p) for p in opt.param_groups[1]["params"]}
     assert plain == {id(method.get_parameter(n)) for n in names}
     assert len(opt.param_groups[0]["params"]) + len(plain) == sum(p.requires_grad for p in method.parameters())
+
+
+def test_weight_decay_schedule_is_dino_ibots_cosine_and_leaves_the_no_decay_group_alone():
+    # DINO/iBOT's cosine_scheduler(0.04, 0.4, epochs, iters) without warmup: value i of a table of `total`
+    total = 10
+    table = [0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * i / total)) for i in range(total)]
+    assert [weight_decay_at(i, total, 0.04, 0.4) for i in range(total)] == pytest.approx(table)
+    assert weight_decay_at(0, total, 0.04, 0.4) == pytest.approx(0.04)
+    assert weight_decay_at(total // 2, total, 0.04, 0.4) == pytest.approx(0.22)
+    assert weight_decay_at(3, total, 0.05) == 0.05  # no end: constant
+    opt = build_optimizer(_mae(), OptimConfig(weight_decay=0.04, weight_decay_end=0.4))
+    set_weight_decay(opt, 0.3)
+    assert {g["group"]: g["weight_decay"] for g in opt.param_groups} == {"decay": 0.3, "no_decay": 0.0}
+    with pytest.raises(ValueError, match="weight_decay_end"):
+        OptimConfig(weight_decay_end=-1.0)

@@ -97,6 +97,22 @@ def test_resume_continues_exactly(tmp_path):
     assert (resumed.run_dir / "metrics.csv").read_text() == csv_before
 
 
+def test_the_weight_decay_schedule_is_applied_every_step_and_resumes_exactly(tmp_path):
+    # optim.weight_decay_end: the decayed group's weight decay follows the cosine of the step, set in the loop
+    common = ["optim.max_steps=8", "optim.weight_decay=0.04", "optim.weight_decay_end=0.4"]
+    full = _tiny_run(tmp_path, "wd_full", *common)
+    constant = _tiny_run(tmp_path, "wd_constant", "optim.max_steps=8", "optim.weight_decay=0.04")
+    assert not _state_equal(full.method.state_dict(), constant.method.state_dict())
+    part = _tiny_run(tmp_path, "wd_part", *common, "trainer.stop_after_steps=5")
+    groups = torch.load(part.checkpoint, map_location="cpu", weights_only=True)["optimizer"]["param_groups"]
+    step = 4  # the last step taken (0-based), on a cosine from 0.04 to 0.4 over the 8 steps
+    expected = 0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * step / 8))
+    assert sorted(g["weight_decay"] for g in groups) == pytest.approx([0.0, expected])
+    resumed = _tiny_run(tmp_path, "wd_part", *common, resume="auto")
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history][5:]
+    assert _state_equal(full.method.state_dict(), resumed.method.state_dict())
+
+
 def test_checkpoints_are_atomic_and_weights_only(tmp_path, monkeypatch):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

@@ -28,7 +28,7 @@ from mimkit.data.sampler import SeededSampler
 from mimkit.engine import state as train_state
 from mimkit.engine.callbacks.base import CallbackList, RunView
 from mimkit.engine.errors import StepRejected, TrainingInterrupted
-from mimkit.engine.optim import lr_at, set_lr
+from mimkit.engine.optim import lr_at, set_lr, set_weight_decay, weight_decay_at
 
 
 class Loop:
@@ -116,10 +116,12 @@ class Loop:
 
     def _apply_schedules(self, step: int) -> float:
         """Per-step optimizer schedules, pure functions of the step (so a resume continues them exactly): the lr
-        (scaled after NaN rollbacks). Other per-step schedules of the optimizer's groups belong here too."""
-        s = self.lr_scale
-        lr = lr_at(step, self.total_steps, self.warmup, self.peak_lr * s, self.cfg.optim.min_lr * s)
+        (scaled after NaN rollbacks) and the weight decay (constant unless optim.weight_decay_end is set).
+        Other per-step schedules of the optimizer's groups belong here too."""
+        s, oc = self.lr_scale, self.cfg.optim
+        lr = lr_at(step, self.total_steps, self.warmup, self.peak_lr * s, oc.min_lr * s)
         set_lr(self.optimizer, lr)
+        set_weight_decay(self.optimizer, weight_decay_at(step, self.total_steps, oc.weight_decay, oc.weight_decay_end))
         return lr
 
     def _train_step(self, batches) -> None:

@@ -1,4 +1,5 @@
-"""Optimizer and learning-rate schedule: AdamW with MAE's weight-decay exclusions, warmup then cosine."""
+"""Optimizer and schedules: AdamW with MAE's weight-decay exclusions; lr warmup then cosine; optionally a cosine
+weight-decay schedule (DINO/iBOT: 0.04 -> 0.4)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,20 @@ def lr_at(step: int, total_steps: int, warmup: int, peak_lr: float, min_lr: floa
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def weight_decay_at(step: int, total_steps: int, start: float, end: float | None = None) -> float:
+    """The weight decay of optimizer step `step` (0-based): `start` throughout when `end` is None, else half a
+    cosine from `start` at step 0 towards `end`, without warmup, as DINO/iBOT's wd schedule (their per-iteration
+    table: end + (start - end) * (1 + cos(pi * step / total_steps)) / 2, so the last step is just short of `end`)."""
+    if end is None:
+        return start
+    progress = min(1.0, max(0, step) / max(1, total_steps))
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Set the decayed groups' weight decay; the no-decay group (biases, norms, tokens) stays at 0."""
+    for group in optimizer.param_groups:
+        if group.get("group") != "no_decay":
+            group["weight_decay"] = weight_decay
