@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ft-test-size", type=int, default=None, help="fine-tuning test images (default --test-size)")
     p.add_argument("--ft-steps", type=int, default=100, help="fine-tuning optimizer steps, both inits")
     p.add_argument("--ft-batch", type=int, default=64)
-    p.add_argument("--ft-blr", type=float, default=None, help="default: EvalConfig.finetune_blr")
+    p.add_argument("--ft-recipe", default="imagenet", choices=["imagenet", "small"],
+                   help="eval.finetune_recipe (imagenet: what docs/benchmarks.md's figures used)")
+    p.add_argument("--ft-blr", type=float, default=None, help="default: the recipe's first base lr")
     p.add_argument("--logreg-iter", type=int, default=200, help="lbfgs iterations of the pixel logistic regression")
     p.add_argument("--skip", default="", help="comma list of parts to skip: knn,linear,attentive,finetune,logreg")
     p.add_argument("--seed", type=int, default=0)
@@ -189,10 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         del ttr, tte
 
     if "finetune" not in skip:
-        kw = dict(epochs=10 ** 6, max_steps=args.ft_steps, batch_size=args.ft_batch,
-                  blr=args.ft_blr or ecfg.finetune_blr, weight_decay=ecfg.finetune_weight_decay,
-                  layer_decay=ecfg.layer_decay, drop_path=ecfg.drop_path, mixup=ecfg.mixup, cutmix=ecfg.cutmix,
-                  smoothing=ecfg.smoothing, device=device, seed=args.seed)
+        from mimkit.eval.finetune import recipe_settings
+
+        recipe = recipe_settings(ecfg.model_copy(update={"finetune_recipe": args.ft_recipe}))
+        blr = args.ft_blr or recipe.pop("blrs")[0]
+        recipe.pop("blrs", None)
+        kw = dict(recipe, epochs=10 ** 6, max_steps=args.ft_steps, batch_size=args.ft_batch, blr=blr,
+                  device=device, seed=args.seed)
         for name, scratch in (("mae", False), ("random", True)):
             r = finetune(mae, ft_train, ft_test, 10, from_scratch=scratch, **kw)
             row = results["rows"].setdefault(name, {})

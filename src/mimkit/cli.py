@@ -256,11 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     run_arguments(t, "e.g. configs/vqkd_vit_tiny_fmnist.yaml", "method.teacher.source=runs/mae")
     t.set_defaults(func=_cmd_tokenizer_fit)
 
-    s = sub.add_parser("eval", help="evaluate an encoder: knn, linear, attentive, finetune, fewshot or layers")
+    s = sub.add_parser("eval", help="evaluate an encoder: knn, linear, attentive, finetune, fewshot, layers, labels "
+                       "(1/10/100%% of the labels) or baselines (vs random init and raw pixels)")
     s.add_argument("checkpoint", help="checkpoint file or run folder, timm:NAME, timm:local-dir:DIR, hf:DIR, "
                                       "open_clip:MODEL@FILE (docs/teachers.md)")
-    s.add_argument("--protocol", default="knn", choices=["knn", "linear", "attentive", "finetune", "fewshot", "layers"],
-                   help="evaluation protocol (settings: eval.* overrides)")
+    s.add_argument("--protocol", default="knn", choices=["knn", "linear", "attentive", "finetune", "fewshot", "layers",
+                                                         "labels", "baselines"],
+                   help="evaluation protocol (settings: eval.* overrides; labels / baselines: eval.label_cells)")
     s.add_argument("--pool", default=None, choices=["cls", "mean"],
                    help="image feature: class token or mean patch (default eval.pool)")
     s.add_argument("--layers", help="comma-separated block indices: features from these blocks (negative: from end)")

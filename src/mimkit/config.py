@@ -271,22 +271,68 @@ class EvalConfig(Section):
     attentive_heads: int = Field(8, ge=1, description="heads of the cross-attention pooler")
     ep_queries: int = Field(32, ge=1, description="queries of Efficient Probing")
     attentive_train_limit: int | None = Field(10000, ge=1, description="training images whose tokens are cached")
-    finetune_epochs: int = Field(5, ge=1)
-    finetune_max_steps: int | None = Field(None, ge=1)
-    finetune_batch_size: int = Field(128, ge=2)
-    finetune_blr: float = Field(1e-3, gt=0.0, description="lr = blr * batch / 256")
-    finetune_weight_decay: float = Field(0.05, ge=0.0)
-    layer_decay: float = Field(0.75, gt=0.0, le=1.0)
-    drop_path: float = Field(0.1, ge=0.0, lt=1.0)
-    mixup: float = Field(0.8, ge=0.0)
-    cutmix: float = Field(1.0, ge=0.0)
-    smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    # fine-tuning: None takes eval.finetune_recipe's value (mimkit.eval.finetune.RECIPES)
+    finetune_recipe: Literal["small", "imagenet"] = Field(
+        "small", description="small: regularisation for a few CPU minutes (chosen on a validation split of "
+        "the training images, benchmarks/finetune_search.py); imagenet: MAE's (mixup 0.8, cutmix 1.0)")
+    finetune_epochs: float | None = Field(None, gt=0)
+    finetune_max_steps: int | None = Field(None, ge=0, description="cap on optimizer steps (0: no cap)")
+    finetune_batch_size: int | None = Field(None, ge=2)
+    finetune_blrs: list[float] | None = Field(None, min_length=1, description="base lrs (lr = blr * batch / 256); "
+                                              "with more than one, the best on the validation split is kept")
+    finetune_weight_decay: float | None = Field(None, ge=0.0)
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    drop_path: float | None = Field(None, ge=0.0, lt=1.0)
+    mixup: float | None = Field(None, ge=0.0)
+    cutmix: float | None = Field(None, ge=0.0)
+    smoothing: float | None = Field(None, ge=0.0, lt=1.0)
+    finetune_shift: int | None = Field(None, ge=0, description="random translation by up to N pixels")
     from_scratch: bool = Field(False, description="fine-tune the same architecture from random initialisation")
     compare_scratch: bool = Field(False, description="fine-tune from the weights and from scratch, side by side")
     fewshot_shots: list[int] = Field([1, 5, 10], min_length=1)
     fewshot_seeds: int = Field(5, ge=1)
     fewshot_classifier: Literal["logreg", "centroid"] = "logreg"
     layers_epochs: int = Field(10, ge=1)
+    label_cells: list[str] = Field(
+        ["knn@1", "linear@0.01", "linear@0.1", "linear@1", "finetune@0.01", "finetune@0.1", "finetune@1"],
+        min_length=1, description="labels / baselines protocols: protocol@fraction cells (knn, linear, finetune; "
+        "fraction of the training labels, class-balanced, nested, seeded by eval.seed)")
+
+    @field_validator("label_cells")
+    @classmethod
+    def _cells(cls, cells: list[str]) -> list[str]:
+        for cell in cells:
+            protocol, _, fraction = cell.partition("@")
+            try:
+                ok = protocol in ("knn", "linear", "finetune") and 0 < float(fraction) <= 1
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{cell!r} is not protocol@fraction (knn, linear or finetune; a fraction in (0, 1], "
+                                 "e.g. linear@0.01)")
+        return cells
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pre_recipe_settings(cls, data):
+        """Settings stored before fine-tuning recipes existed (they have eval.finetune_blr): the fine-tuning
+        fields still at that version's defaults were defaults, not choices, so they now follow the recipe."""
+        if not isinstance(data, dict) or "finetune_blr" not in data:
+            return data
+        data = dict(data)
+        blr = data.pop("finetune_blr")
+        if blr != _PRE_RECIPE_DEFAULTS["finetune_blr"] and data.get("finetune_blrs") is None:
+            data["finetune_blrs"] = [blr]
+        for key, default in _PRE_RECIPE_DEFAULTS.items():
+            if key in data and data[key] == default:
+                data[key] = None
+        return data
+
+
+# eval.* fine-tuning defaults before eval.finetune_recipe (MAE's ImageNet values at 5 epochs)
+_PRE_RECIPE_DEFAULTS = {"finetune_epochs": 5, "finetune_batch_size": 128, "finetune_blr": 1e-3,
+                        "finetune_weight_decay": 0.05, "layer_decay": 0.75, "drop_path": 0.1, "mixup": 0.8,
+                        "cutmix": 1.0, "smoothing": 0.1}
 
 
 class PretrainConfig(Section):

@@ -96,11 +96,21 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     Returns {"test_acc", "best_lr", "val_acc", "sweep": [{"lr", "val_acc"}...], "train_size", "val_size",
     "test_size", "seconds"}. Nothing about `test_x` / `test_y` affects the choice.
     """
-    start = time.perf_counter()
     c = num_classes or int(max(int(train_y.max()), int(test_y.max()))) + 1
     tr, va = carve_val(train_y, val_fraction, seed)
-    model = train_linear_sweep(train_x[tr], train_y[tr], c, lrs, epochs, batch_size, weight_decay, seed)
-    val_acc = _accuracies(model, train_x[va].float(), train_y[va].long())
+    return linear_probe_on(train_x[tr], train_y[tr], train_x[va], train_y[va], test_x, test_y, lrs, epochs,
+                           batch_size, weight_decay, seed, c)
+
+
+def linear_probe_on(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                    test_x: torch.Tensor, test_y: torch.Tensor, lrs=DEFAULT_LRS, epochs: int = 30,
+                    batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0,
+                    num_classes: int | None = None) -> dict:
+    """`linear_probe` with the validation split given: heads trained on train, chosen on val, scored on test."""
+    start = time.perf_counter()
+    c = num_classes or int(max(int(train_y.max()), int(val_y.max()), int(test_y.max()))) + 1
+    model = train_linear_sweep(train_x, train_y, c, lrs, epochs, batch_size, weight_decay, seed)
+    val_acc = _accuracies(model, val_x.float(), val_y.long())
     best = int(val_acc.argmax())  # ties -> the smallest lr (first in the list)
     with torch.no_grad():
         pred = model(test_x.float())[best].argmax(-1)
@@ -108,6 +118,6 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     return {
         "test_acc": test_acc, "best_lr": float(lrs[best]), "val_acc": float(val_acc[best]),
         "sweep": [{"lr": float(lr), "val_acc": float(a)} for lr, a in zip(lrs, val_acc)],
-        "train_size": int(tr.numel()), "val_size": int(va.numel()), "test_size": int(test_y.numel()),
+        "train_size": int(train_y.numel()), "val_size": int(val_y.numel()), "test_size": int(test_y.numel()),
         "epochs": epochs, "seconds": time.perf_counter() - start,
     }

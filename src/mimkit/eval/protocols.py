@@ -14,14 +14,17 @@ from torch.utils.data import Subset
 
 from mimkit.config import EvalConfig
 from mimkit.eval.attentive import attentive_probe
+from mimkit.eval.baselines import baseline_encoders, seeded_random_init
 from mimkit.eval.features import extract_features, extract_tokens
 from mimkit.eval.fewshot import few_shot
-from mimkit.eval.finetune import finetune
+from mimkit.eval.finetune import finetune_sweep, recipe_settings
 from mimkit.eval.knn import knn_accuracy
+from mimkit.eval.labels import label_table, table_lines
 from mimkit.eval.layerwise import layerwise_probe
 from mimkit.eval.linear import linear_probe
+from mimkit.eval.splits import carve_balanced_val, dataset_labels
 
-PROTOCOLS = ("knn", "linear", "attentive", "finetune", "fewshot", "layers")
+PROTOCOLS = ("knn", "linear", "attentive", "finetune", "fewshot", "layers", "labels", "baselines")
 
 
 def limit_dataset(ds, n: int | None, seed: int | None = None):
@@ -48,6 +51,24 @@ def _features(encoder, train, test, cfg: EvalConfig, device):
 
 def _num_classes(*label_sets) -> int:
     return int(max(int(y.max()) for y in label_sets)) + 1
+
+
+def _finetune(encoder, train, test, cfg: EvalConfig, device) -> dict:
+    """eval.finetune_recipe on the training images; with several base lrs, a class-balanced validation split
+    (eval.val_fraction) is held out of them to choose one."""
+    labels = dataset_labels(train)
+    names = getattr(getattr(train, "dataset", train), "classes", None)
+    classes = len(names) if names else _num_classes(labels, dataset_labels(test))
+    recipe = recipe_settings(cfg)
+    blrs = recipe.pop("blrs")
+    val = None
+    if len(blrs) > 1:
+        pool, val_idx = carve_balanced_val(labels, cfg.val_fraction, cfg.seed)
+        train, val = Subset(train, pool.tolist()), Subset(train, val_idx.tolist())
+    inits = [False, True] if cfg.compare_scratch else [cfg.from_scratch]
+    runs = [finetune_sweep(encoder, train, val, test, classes, blrs, from_scratch=s, device=device, seed=cfg.seed,
+                           **recipe) for s in inits]
+    return {"runs": runs, "recipe": {"name": cfg.finetune_recipe, "blrs": blrs, **recipe}}
 
 
 def run_protocol(name: str, encoder, train, test, cfg: EvalConfig | None = None,
@@ -97,18 +118,17 @@ def run_protocol(name: str, encoder, train, test, cfg: EvalConfig | None = None,
                                   cfg.val_fraction, cfg.batch_size, device, seed=cfg.seed)
         best = next(r for r in details["layers"] if r["layer"] == details["best_layer"])
         metric, value = "top1_best_val_layer", best["test_acc"]
+    elif name in ("labels", "baselines"):
+        encoders = baseline_encoders(encoder, train, cfg.seed) if name == "baselines" else {"pretrained": encoder}
+        if name == "labels" and cfg.compare_scratch:
+            encoders["random_init"] = seeded_random_init(encoder, cfg.seed)
+        details = label_table(encoders, train, test, cfg, device)
+        first = details["cells"][0]
+        metric, value = f"top1_{first}", details["rows"]["pretrained"][first]["value"]
     else:  # finetune
-        names = getattr(getattr(train, "dataset", train), "classes", None)
-        classes = len(names) if names else _num_classes(*(torch.tensor([int(ds[i]["label"]) for i in range(len(ds))])
-                                                         for ds in (train, test)))
-        kw = dict(epochs=cfg.finetune_epochs, max_steps=cfg.finetune_max_steps, batch_size=cfg.finetune_batch_size,
-                  blr=cfg.finetune_blr, weight_decay=cfg.finetune_weight_decay, layer_decay=cfg.layer_decay,
-                  drop_path=cfg.drop_path, mixup=cfg.mixup, cutmix=cfg.cutmix, smoothing=cfg.smoothing,
-                  device=device, seed=cfg.seed)
-        inits = [False, True] if cfg.compare_scratch else [cfg.from_scratch]
-        runs = [finetune(encoder, train, test, classes, from_scratch=s, **kw) for s in inits]
-        details = {"runs": runs}
-        metric, value = ("top1_from_scratch" if inits == [True] else "top1"), runs[0]["test_acc"]
+        details = _finetune(encoder, train, test, cfg, device)
+        metric, value = ("top1_from_scratch" if cfg.from_scratch and not cfg.compare_scratch else "top1",
+                         details["runs"][0]["test_acc"])
     return {"protocol": name, "metric": metric, "value": float(value), "details": details,
             "seconds": time.perf_counter() - start}
 
@@ -134,6 +154,12 @@ def summary_line(result: dict) -> str:
     if name == "layers":
         parts = " ".join(f"{r['layer']}:{100 * r['test_acc']:.1f}" for r in d["layers"])
         return f"layer-wise linear probe top-1 per block: {parts} (best on val: block {d['best_layer']}, {secs})"
+    if name in ("labels", "baselines"):
+        sizes = ", ".join(f"{f}: {v['size']}" for f, v in d["splits"]["subsets"].items())
+        return "\n".join([f"{name}: top-1 % (labelled images per fraction {sizes}; lr chosen on "
+                           f"{d['splits']['val_size']} held-out training images; {secs})", *table_lines(d)])
     parts = "; ".join(f"{'scratch' if r['from_scratch'] else 'pretrained'} {100 * r['test_acc']:.2f}% "
-                      f"({r['steps']} steps, loss {r['loss_first']:.3f}->{r['loss_last']:.3f})" for r in d["runs"])
-    return f"fine-tune top-1: {parts} ({secs})"
+                      f"({r['steps']} steps, blr {r['blr']:g}"
+                      + (f" chosen on val {100 * r['val_acc']:.2f}%" if len(r["sweep"]) > 1 else "")
+                      + f", loss {r['chosen']['loss_first']:.3f}->{r['chosen']['loss_last']:.3f})" for r in d["runs"])
+    return f"fine-tune top-1 ({d['recipe']['name']} recipe): {parts} ({secs})"
