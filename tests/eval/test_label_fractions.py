@@ -11,7 +11,7 @@ from mimkit.eval.baselines import PixelEncoder, baseline_encoders
 from mimkit.eval.finetune import RECIPES, finetune_sweep, recipe_settings
 from mimkit.eval.labels import aggregate_tables, fraction_splits, label_table, parse_cells, table_lines
 from mimkit.eval.protocols import run_protocol, summary_line
-from mimkit.eval.splits import carve_balanced_val, dataset_labels, label_subsets
+from mimkit.eval.splits import carve_balanced_val, dataset_labels, label_subsets, per_class_subset
 
 FRACTIONS = (0.01, 0.1, 1.0)
 
@@ -42,6 +42,9 @@ def test_subsets_are_fixed_nested_class_balanced_and_outside_the_validation_spli
             assert int((labels[subsets[f]] == c).sum()) == max(1, round(f * in_pool))  # per class
     # asking for 1% alone gives the same 1% as asking for all three
     assert torch.equal(label_subsets(labels, [0.01], seed=0, pool=pool)[0.01], subsets[0.01])
+    fixed = per_class_subset(labels, 50, seed=0, pool=pool)  # the same order: nested with the fractions
+    assert sets[0] < set(fixed.tolist()) < sets[2] and {int((labels[fixed] == c).sum()) for c in range(5)} == {50}
+    assert set(per_class_subset(labels, 3, seed=0, pool=pool).tolist()) < sets[0]  # 3 <= every class's 1%
 
 
 def test_labels_are_read_from_the_source_table_in_dataset_order(digits):
@@ -192,3 +195,19 @@ def test_cli_baselines_table_on_fashion_mnist(tmp_path, fashion_mnist_dir, capsy
     splits = res["details"]["splits"]
     assert splits["val_size"] + splits["pool_size"] == 500 and splits["test_size"] == 100
     assert res["details"]["rows"]["raw_pixels"]["linear@0.1"]["value"] > 0.3  # chance is 0.10
+
+
+def test_the_recipe_search_uses_training_images_only_inside_the_protocols_splits(digits):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "finetune_search.py"
+    spec = importlib.util.spec_from_file_location("finetune_search", path)
+    search = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search)
+    train, _ = digits
+    tr, va, labels = search.splits(train, train_per_class=20, val_per_class=5, val_fraction=0.1, seed=0)
+    pool, val = carve_balanced_val(dataset_labels(train), 0.1, seed=0)
+    assert set(tr.tolist()) <= set(pool.tolist()) and set(va.tolist()) <= set(val.tolist())
+    assert {int((labels[tr] == c).sum()) for c in range(10)} == {20}
+    assert {int((labels[va] == c).sum()) for c in range(10)} == {5}

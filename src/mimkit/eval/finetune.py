@@ -138,8 +138,8 @@ def _shift(x: torch.Tensor, pixels: int) -> torch.Tensor:
 RECIPES: dict[str, dict] = {
     "imagenet": dict(epochs=5, max_steps=0, batch_size=128, blrs=[1e-3], weight_decay=0.05, layer_decay=0.75,
                      drop_path=0.1, mixup=0.8, cutmix=1.0, smoothing=0.1, shift=0),
-    "small": dict(epochs=50, max_steps=300, batch_size=64, blrs=[1e-3, 3e-3], weight_decay=0.05, layer_decay=0.75,
-                  drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1, shift=2),
+    "small": dict(epochs=50, max_steps=200, batch_size=64, blrs=[3e-3, 1e-2], weight_decay=0.05, layer_decay=0.75,
+                  drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, shift=0),
 }
 RECIPE_FIELDS = {"epochs": "finetune_epochs", "max_steps": "finetune_max_steps", "batch_size": "finetune_batch_size",
                  "blrs": "finetune_blrs", "weight_decay": "finetune_weight_decay", "layer_decay": "layer_decay",

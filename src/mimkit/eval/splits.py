@@ -64,8 +64,19 @@ def label_subsets(labels: torch.Tensor, fractions, seed: int = 0,
     for f in fractions:
         if not 0 < float(f) <= 1:
             raise ValueError(f"label fractions must be in (0, 1], got {f}")
-    orders = [pool[o] for o in _class_orders(labels[pool], seed + 1)]  # +1: not the val carve's order
+    orders = _pool_orders(labels, pool, seed)
     return {float(f): torch.cat([o[:_take(o.numel(), float(f))] for o in orders]).sort().values for f in fractions}
+
+
+def per_class_subset(labels: torch.Tensor, count: int, seed: int = 0, pool: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted indices of `count` images of every class within `pool` (all of a smaller class), in the order
+    `label_subsets` draws from, so it nests with those subsets."""
+    pool = torch.arange(labels.numel()) if pool is None else torch.as_tensor(pool, dtype=torch.long)
+    return torch.cat([o[:count] for o in _pool_orders(labels, pool, seed)]).sort().values
+
+
+def _pool_orders(labels: torch.Tensor, pool: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    return [pool[o] for o in _class_orders(labels[pool], seed + 1)]  # +1: not the val carve's order
 
 
 def class_counts(labels: torch.Tensor, idx: torch.Tensor) -> dict[int, int]:
