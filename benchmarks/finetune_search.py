@@ -110,7 +110,8 @@ def render(doc: dict) -> str:
         pct = [f"{100 * acc[i]:.2f}" if i in acc else "-" for i in ("pretrained", "scratch")]
         lines.append(f"| {stage} | {reg} | {ld} | {blr:g} | {seed} | {pct[0]} | {pct[1]} |")
     lines += ["", "| setting (regularisation, layer decay, wd) | score | best per init (val %) |", "|---|---|---|"]
-    for r in doc.get("ranking_seed0", []):
+    ranking = doc.get("ranking_seed0") or setting_scores([t for t in doc["trials"] if t["seed"] == 0])
+    for r in ranking:
         per = ", ".join(f"{i} {100 * v:.2f}" for i, v in r["per_init"].items())
         lines.append(f"| {r['reg']}, {r['layer_decay']}, {r['weight_decay']} | {100 * r['score']:.2f} | {per} |")
     return "\n".join(lines)
