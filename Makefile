@@ -9,7 +9,7 @@ DATA_DIR ?= .data
 .PHONY: demo test test-all setup fashion-mnist test-data bench clean
 
 demo: setup fashion-mnist
-	$(BIN)/mimkit pretrain
+	$(BIN)/mimkit pretrain --config configs/mae_vit_tiny_fmnist.yaml
 
 # two workers, one thread each: the suite is many small CPU-bound tests (`make test PYTEST_WORKERS=0` runs serially)
 PYTEST_WORKERS ?= 2

@@ -157,6 +157,11 @@ def run_evidence(recipe: str, run_dir: Path, cells: list[str], overrides: list[s
     if out.exists():
         return out
     cfg = apply_overrides(cfg, [f"eval.label_cells={json.dumps(cells)}", *overrides])
+    try:
+        from mimkit.backends import wrap_mimkit
+    except ImportError:  # before the backends layer
+        from mimkit.eval.encoders import wrap_mimkit
+    encoder = wrap_mimkit(encoder, ckpt["data"]).encoder  # the adapter evaluation and random_init expect
     mean, std = ckpt["data"]["mean"], ckpt["data"]["std"]
     train = build_labelled(cfg.data, "train", mean, std)
     test = build_labelled(cfg.data, "test", mean, std)

@@ -63,3 +63,23 @@ def test_default_outputs_go_into_the_run_folder(run_dir):
     assert (run_dir / "reconstruction.png").is_file()
     assert main(["export", str(run_dir / "checkpoints" / "last.ckpt"), "--format", "mae"]) == 0
     assert (run_dir / "export-mae" / "model.safetensors").is_file()
+
+
+def test_pretrain_ends_with_the_baseline_table_when_asked(tmp_path, capsys):
+    """eval.baseline_table: the run's encoder, the same architecture at random init and raw pixels, every
+    eval.label_cells cell, printed and stored (results.json and eval/baselines.json)."""
+    if not FMNIST.exists():
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    code = main(["pretrain", *TINY, "model.depth=1", "model.patch_size=7", "eval.knn=false", "eval.visualize=false",
+                 "eval.baseline_table=true", "eval.label_cells=[linear@0.01]", "eval.linear_epochs=2",
+                 f"trainer.out_dir={tmp_path}", "trainer.run_name=table"])
+    assert code == 0
+    results = json.loads((tmp_path / "table" / "results.json").read_text())
+    table = results["baseline_table"]
+    assert set(table) == {"pretrained", "random_init", "raw_pixels"}
+    assert all(0.0 < row["linear@0.01"] <= 1.0 for row in table.values())
+    stored = json.loads((tmp_path / "table" / "eval" / "baselines.json").read_text())
+    # 1% of every class's training images outside the validation split (10%): 54 of each class's 5,400
+    assert stored["splits"]["subsets"]["0.01"]["size"] == 540
+    out = capsys.readouterr().out
+    assert "| raw_pixels |" in out and "linear@0.01" in out

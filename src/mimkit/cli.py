@@ -61,6 +61,19 @@ def _cmd_pretrain(args) -> int:
         else:
             print(f"kNN skipped: data.source={cfg.data.source!r} has no labels "
                   f"(run `mimkit eval {run_dir}/checkpoints/last.ckpt data.source=imagefolder data.path=DIR`)")
+    if cfg.eval.baseline_table:
+        from mimkit.eval.labels import table_lines
+        from mimkit.pipeline import baseline_table
+
+        print(f"evaluating against random init and raw pixels: {', '.join(cfg.eval.label_cells)} ...", flush=True)
+        table = baseline_table(method, cfg, data.mean, data.std)
+        (run_dir / "eval").mkdir(exist_ok=True)
+        write_json(run_dir / "eval" / "baselines.json", table)
+        summary["baseline_table"] = {row: {c: (None if r is None else r["value"]) for c, r in cells.items()}
+                                     for row, cells in table["rows"].items()}
+        print(f"top-1 on the {cfg.data.source} test split, % (lrs chosen on a validation split of the training "
+              f"images; {table['seconds'] / 60:.1f} min):")
+        print("\n".join(table_lines(table)))
     write_json(run_dir / "results.json", summary)
     print(f"run folder: {run_dir}")
     return 0
