@@ -5,9 +5,16 @@ Natural channel counts (what ``data.channels=None`` infers):
 * 1: PIL modes ``1``, ``L``, ``LA`` (alpha dropped), ``I;16*``, ``I``, ``F``;
 * 3: ``RGB``, ``RGBA``/``RGBX``/``RGBa`` (alpha dropped), ``P``/``PA`` (palette -> RGB), ``CMYK``, ``YCbCr``,
   ``LAB``, ``HSV`` (converted to RGB by Pillow);
-* TIFF (``.tif``/``.tiff``) with tifffile installed and a grey-scale/RGB photometric: every band, any bit
-  depth (multispectral); RGB + extra sample drops the alpha. Other TIFFs (palette, CMYK, YCbCr, JPEG-in-TIFF
-  that tifffile cannot decode) go through Pillow.
+* TIFF (``.tif``/``.tiff``) with tifffile installed (``pip install 'mimkit[tiff]'``: tifffile + imagecodecs)
+  and a grey-scale/RGB photometric: every band, any bit depth (multispectral). Extra samples are bands
+  unless the file marks them as alpha (ExtraSamples 1 or 2): RGB + NIR (ExtraSamples 0, "unspecified", the
+  usual 4-band GeoTIFF) has 4 channels, RGBA has 3. Other TIFFs (palette, CMYK, YCbCr) go through Pillow.
+  A compression tifffile cannot decode without imagecodecs (LZW, deflate with predictor, zstd, ...) falls
+  back to Pillow only when Pillow delivers every band; otherwise the header scan reports the file (it is
+  never trained on with bands missing). Pillow never silently drops a band: a TIFF whose samples per pixel
+  (less alpha) exceed what Pillow decodes is a DataError.
+* EXIF orientation (JPEG, TIFF, WebP...) is applied: a portrait photo stored landscape with orientation 6
+  loads portrait, and the header probe reports the displayed size.
 
 Value scaling: 8-bit stays ``uint8`` (the transforms divide by 255); other integer data is divided by its
 dtype's maximum (16-bit -> /65535; PIL's 32-bit ``I`` mode, which Pillow uses for 16-bit PNGs, -> /65535
@@ -108,7 +115,7 @@ def _pil_bytes(im: Image.Image) -> int:
 
 
 def _pil_reason(err: BaseException) -> str:
-    if isinstance(err, ImageTooLarge):
+    if isinstance(err, (ImageTooLarge, PillowDropsBands)):
         return str(err)
     reason = f"{type(err).__name__}: {err}"
     if isinstance(err, Image.DecompressionBombError):
@@ -204,8 +211,13 @@ def image_from_pil(im: Image.Image, channels: int | None, name: str = "image") -
 # ------------------------------------------------------------------------------------------ TIFF via tifffile
 
 
-def _tiff_layout(tf) -> tuple[str, tuple[int, ...], bool]:
-    """(axes, shape, drop_alpha) of the first series, or raise ValueError when Pillow should handle it."""
+def _tiff_layout(tf) -> tuple[str, tuple[int, ...], tuple[int, ...] | None]:
+    """(axes, shape, kept samples) of the first series, or raise ValueError when Pillow should handle it.
+
+    Extra samples are bands unless the file marks them as alpha (ExtraSamples 1 = associated, 2 =
+    unassociated): a 4-band RGB + NIR GeoTIFF (ExtraSamples 0, "unspecified") keeps its 4 bands, an RGBA
+    file drops its alpha. `kept` lists the sample indices to keep along the ``S`` axis (None: all).
+    """
     page = tf.pages[0]
     photometric = int(page.photometric)
     P = tifffile.PHOTOMETRIC
@@ -218,18 +230,50 @@ def _tiff_layout(tf) -> tuple[str, tuple[int, ...], bool]:
     extra = [(a, n) for a, n in zip(axes, shape) if a not in "YX" and n > 1]
     if len(extra) > 1:
         raise ValueError(f"TIFF has several non-spatial axes {axes!r} {shape}; expected one band axis")
-    drop_alpha = photometric == int(P.RGB) and extra and extra[0][1] == 4
+    kept = None
+    extras = tuple(int(e) for e in (page.extrasamples or ()))
+    if "S" in axes and extras:
+        samples = shape[axes.index("S")]
+        first_extra = samples - len(extras)
+        alpha = {first_extra + k for k, e in enumerate(extras) if e in _ALPHA_EXTRASAMPLES}
+        if alpha:
+            kept = tuple(k for k in range(samples) if k not in alpha)
     check_image_size(shape[axes.index("Y")], shape[axes.index("X")],
                      int(np.prod(shape, dtype=np.float64)) * np.dtype(series.dtype).itemsize)
-    return axes, shape, bool(drop_alpha)
+    return axes, shape, kept
 
 
-def _tiff_channels(axes: str, shape: tuple[int, ...], drop_alpha: bool) -> int:
+_ALPHA_EXTRASAMPLES = (1, 2)  # TIFF ExtraSamples: 1 associated alpha, 2 unassociated alpha; 0 = unspecified
+
+
+class MissingCodec(ValueError):
+    """A TIFF compressed with a codec this installation cannot decode (tifffile needs ``imagecodecs``).
+
+    ``channels``: the band count the header promises, which a Pillow fallback must then deliver."""
+
+    channels: int | None = None
+
+
+def _check_codec(page, channels: int | None = None) -> None:
+    """Raise MissingCodec unless tifffile can decode this page's compression and predictor (header only)."""
+    for table, value, what in ((tifffile.TIFF.DECOMPRESSORS, page.compression, "compression"),
+                               (tifffile.TIFF.UNPREDICTORS, page.predictor, "predictor")):
+        try:
+            table[value]
+        except KeyError as err:
+            name = getattr(value, "name", value)
+            missing = MissingCodec(f"TIFF {what} {name} cannot be decoded: {err.args[0] if err.args else err} "
+                                   "(pip install 'mimkit[tiff]', or pip install imagecodecs)")
+            missing.channels = channels
+            raise missing from None
+
+
+def _tiff_channels(axes: str, shape: tuple[int, ...], kept: tuple[int, ...] | None) -> int:
     c = 1
     for a, n in zip(axes, shape):
         if a not in "YX":
             c *= n
-    return c - 1 if drop_alpha else c
+    return c if kept is None else c // shape[axes.index("S")] * len(kept)
 
 
 class _TiffCorrupt(ValueError):
@@ -271,7 +315,8 @@ def _strict_tifffile():
 def _read_tiff(path: Path) -> torch.Tensor:
     with _strict_tifffile(), tifffile.TiffFile(path) as tf:
         _ = len(tf.pages)  # walk the page chain first: missing pages are logged -> _TiffCorrupt
-        axes, shape, drop_alpha = _tiff_layout(tf)
+        axes, shape, kept = _tiff_layout(tf)
+        _check_codec(tf.pages[0], _tiff_channels(axes, shape, kept))
         try:
             arr = tf.series[0].asarray()
         except KeyError:  # a codec tifffile lacks (needs imagecodecs): let Pillow try
@@ -284,11 +329,12 @@ def _read_tiff(path: Path) -> torch.Tensor:
     if arr.size != int(np.prod(shape)):
         raise _TiffCorrupt(f"TIFF data holds {arr.size} values, expected {shape}")
     arr = arr.reshape(shape)
+    if kept is not None:
+        arr = np.take(arr, kept, axis=axes.index("S"))
+        shape = arr.shape
     y, x = axes.index("Y"), axes.index("X")
     rest = [k for k in range(arr.ndim) if k not in (y, x)]
     arr = arr.transpose(*rest, y, x).reshape(-1, shape[y], shape[x])
-    if drop_alpha:
-        arr = arr[:3]
     if minis_white and np.issubdtype(arr.dtype, np.integer):
         arr = np.iinfo(arr.dtype).max - arr
     return array_to_tensor(arr)
@@ -315,6 +361,64 @@ def _finite(x: torch.Tensor, path: Path) -> torch.Tensor:
     return x
 
 
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap height and width
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1-8; 1 = as stored), read from the header only."""
+    try:
+        value = int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: show the pixels as stored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+class PillowDropsBands(ValueError):
+    """A TIFF whose bands Pillow would silently drop (e.g. the NIR band of an RGB + NIR GeoTIFF)."""
+
+
+def check_pil_bands(im: Image.Image, tiff_err: BaseException | None = None) -> None:
+    """Refuse a TIFF that Pillow would decode into fewer bands than the file holds (header only).
+
+    Pillow reads an RGB TIFF with an extra sample of unspecified meaning as plain RGB, and only the first
+    page of a band stack; those bands are data (only ExtraSamples 1/2 mark alpha), so the file needs
+    tifffile (with imagecodecs for LZW/deflate/...) instead of a silent 3-band image.
+    """
+    if im.format != "TIFF":
+        return
+    have = natural_channels(im.mode)
+    tags = getattr(im, "tag_v2", {})
+    samples = int(tags.get(277, 1) or 1)
+    extras = tags.get(338, ()) or ()
+    extras = (extras,) if isinstance(extras, int) else tuple(extras)
+    want = samples - sum(1 for e in extras if int(e) in _ALPHA_EXTRASAMPLES)
+    promised = getattr(tiff_err, "channels", None)
+    if promised is not None:
+        want = max(want, int(promised))
+    if want > have:
+        if tiff_err is not None:
+            how = f"tifffile: {tiff_err}"
+        elif tifffile is None:
+            how = "reading every band needs tifffile and imagecodecs: pip install 'mimkit[tiff]'"
+        else:
+            how = "tifffile could not read it"
+        raise PillowDropsBands(f"the TIFF holds {want} band(s) but Pillow would read only {have} ({im.mode}); {how}")
+
+
+def decode_pil(im: Image.Image, channels: int | None, name: str,
+               tiff_err: BaseException | None = None) -> torch.Tensor:
+    """An opened Pillow image -> [C, H, W]: size guard, band check, decode, EXIF orientation applied."""
+    check_image_size(im.size[1], im.size[0], _pil_bytes(im))  # before decoding any pixel
+    check_pil_bands(im, tiff_err)
+    orientation = exif_orientation(im)
+    im.load()
+    if orientation != 1:
+        from PIL import ImageOps
+
+        im = ImageOps.exif_transpose(im)  # as cameras and viewers show it (a portrait photo stays portrait)
+    return image_from_pil(im, channels, name)
+
+
 def probe_image(path: str | Path) -> ImageInfo:
     """Read only the header: channel count and size. Raises DataError (cause attached) if unreadable."""
     path = Path(path)
@@ -324,8 +428,9 @@ def probe_image(path: str | Path) -> ImageInfo:
         try:
             with _strict_tifffile(), tifffile.TiffFile(path) as tf:
                 _ = len(tf.pages)  # walk the page chain: missing pages are logged -> _TiffCorrupt
-                axes, shape, drop_alpha = _tiff_layout(tf)
-            return ImageInfo(_tiff_channels(axes, shape, drop_alpha),
+                axes, shape, kept = _tiff_layout(tf)
+                _check_codec(tf.pages[0], _tiff_channels(axes, shape, kept))
+            return ImageInfo(_tiff_channels(axes, shape, kept),
                              (shape[axes.index("Y")], shape[axes.index("X")]), "tifffile")
         except (_TiffCorrupt, ImageTooLarge) as err:
             raise DataError(f"cannot open image {path}: {err}") from err
@@ -335,9 +440,14 @@ def probe_image(path: str | Path) -> ImageInfo:
         with Image.open(path) as im:
             mode, (w, h) = im.mode, im.size
             check_image_size(h, w, _pil_bytes(im))
+            check_pil_bands(im, tiff_err)
+            if isinstance(tiff_err, MissingCodec):
+                im.load()  # tifffile cannot decode it: make sure Pillow can, so the scan catches it
+            if exif_orientation(im) in _TRANSPOSED_ORIENTATIONS:
+                h, w = w, h
     except Exception as err:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError, ...
         reason = _pil_reason(err)
-        if tiff_err is not None:
+        if tiff_err is not None and not isinstance(err, PillowDropsBands):
             reason += f" (tifffile: {type(tiff_err).__name__}: {tiff_err})"
         raise DataError(f"cannot open image {path}: {reason}") from RuntimeError(reason)
     return ImageInfo(natural_channels(mode), (h, w), "pil")
@@ -364,13 +474,11 @@ def load_image(path: str | Path, channels: int | None) -> torch.Tensor:
             return _finite(convert_channels(x, channels, str(path)), path)
     try:
         with Image.open(path) as im:
-            check_image_size(im.size[1], im.size[0], _pil_bytes(im))  # before decoding any pixel
-            im.load()
-            return _finite(image_from_pil(im, channels, str(path)), path)
+            return _finite(decode_pil(im, channels, str(path), tiff_err), path)
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - truncated data, bad header, decoder errors
         reason = _pil_reason(err)
-        if tiff_err is not None:
+        if tiff_err is not None and not isinstance(err, PillowDropsBands):
             reason += f" (tifffile: {type(tiff_err).__name__}: {tiff_err})"
         raise DataError(f"cannot decode image {path}: {reason}") from RuntimeError(reason)

@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 
 def _reason(err: BaseException, tiff_err: BaseException | None) -> str:
     reason = _img._pil_reason(err)
-    if tiff_err is not None:
+    if tiff_err is not None and not isinstance(err, _img.PillowDropsBands):
         reason += f" (tifffile: {type(tiff_err).__name__}: {tiff_err})"
     return reason
 
@@ -69,9 +69,7 @@ def decode_bytes(data: bytes, ext: str, channels: int | None, name: str) -> torc
             return _img._finite(_img.convert_channels(x, channels, name), name)
     try:
         with Image.open(io.BytesIO(data)) as im:
-            _img.check_image_size(im.size[1], im.size[0], _img._pil_bytes(im))
-            im.load()
-            return _img._finite(_img.image_from_pil(im, channels, name), name)
+            return _img._finite(_img.decode_pil(im, channels, name, tiff_err), name)
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - truncated data, bad header, decoder errors
@@ -87,11 +85,16 @@ def probe_bytes(data: bytes, ext: str, name: str) -> int:
         try:
             with _img._strict_tifffile(), _img.tifffile.TiffFile(io.BytesIO(data)) as tf:
                 _ = len(tf.pages)
-                return _img._tiff_channels(*_img._tiff_layout(tf))
-        except Exception:  # noqa: BLE001 - Pillow decides
-            pass
+                layout = _img._tiff_layout(tf)
+                _img._check_codec(tf.pages[0], _img._tiff_channels(*layout))
+                return _img._tiff_channels(*layout)
+        except Exception as err:  # noqa: BLE001 - Pillow decides
+            tiff_err = err
+    else:
+        tiff_err = None
     try:
         with Image.open(io.BytesIO(data)) as im:
+            _img.check_pil_bands(im, tiff_err)
             return _img.natural_channels(im.mode)
     except Exception as err:  # noqa: BLE001
         raise DataError(f"cannot open image {name}: {_img._pil_reason(err)}") from err
