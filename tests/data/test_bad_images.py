@@ -128,8 +128,10 @@ def test_folder_of_every_mode_builds_with_forced_channels(tmp_path):
     Image.fromarray(RGB[..., 0]).convert("LA").save(tmp_path / "e_la.png")
     Image.fromarray(RGB[..., 0] > 100).save(tmp_path / "f_bw.png")
     Image.fromarray(RGB[..., 0].astype(np.uint16) * 257).save(tmp_path / "g_g16.png")
-    with pytest.raises(DataError, match=r"e_la\.png has 1 channel"):  # inferred 3 from a_rgb.png: no mixing
-        build_pretrain_data(_cfg(tmp_path))
+    d = build_pretrain_data(_cfg(tmp_path))  # 4 colour, 3 grey-scale: the usual count (3) wins, one note says so
+    assert d.channels == 3 and d.report.notes == [
+        "converted 3 grey-scale image(s) to 3 channel(s), the folder's usual count (4 of 7 images); "
+        "set data.channels to choose"]
     for channels in (1, 3):
         d = build_pretrain_data(_cfg(tmp_path, channels=channels))
         assert d.report.ok and d.report.usable == 7 and d.channels == channels

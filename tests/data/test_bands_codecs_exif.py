@@ -118,3 +118,25 @@ def test_exif_orientation_is_applied(tmp_path):
     assert load_image(tmp_path / "o1.jpg", None).shape == (3, 48, 64)
     data = (tmp_path / "o6.jpg").read_bytes()
     assert torch.equal(decode_bytes(data, "jpg", None, "o6"), x)
+
+
+def test_mixed_grey_and_colour_photos_just_train(real_images_dir, tmp_path):
+    """A folder of ordinary photos, some grey-scale: converted to the usual count, one note in the report."""
+    import shutil
+
+    photos = sorted(real_images_dir.glob("cifar10_0*.png"))[:5]
+    for f in photos:
+        shutil.copy(f, tmp_path / f.name)
+    Image.open(photos[0]).convert("L").save(tmp_path / "a_grey.png")  # sorts first: it used to fix the count
+    Image.open(photos[1]).convert("L").save(tmp_path / "b_grey.jpg")
+    d = build_pretrain_data(DataConfig(source="folder", path=str(tmp_path), img_size=16, val_fraction=0.0))
+    assert d.channels == 3 and len(d.train) == 7
+    assert d.report.notes == ["converted 2 grey-scale image(s) to 3 channel(s), the folder's usual count "
+                              "(5 of 7 images); set data.channels to choose"]
+    assert "note: converted 2 grey-scale" in d.report.summary()
+    grey = d.train.source.load(d.train.source.files.index(str(tmp_path / "a_grey.png")))[0]
+    assert grey.shape[0] == 3 and torch.equal(grey[0], grey[2])
+    # a 4-band file among colour photos has no defined conversion: one error naming both counts
+    tifffile.imwrite(tmp_path / "n.tif", _rgbn(dtype=np.uint8), photometric="rgb", extrasamples=[0])
+    with pytest.raises(DataError, match=r"n\.tif has 4 channel\(s\) but 5 of the 8 images have 3"):
+        build_pretrain_data(DataConfig(source="folder", path=str(tmp_path), img_size=16, val_fraction=0.0))

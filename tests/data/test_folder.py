@@ -130,10 +130,16 @@ def test_16bit_palette_cmyk_rgba_la_conversions(tmp_path):
 def test_channel_mismatch_names_file_and_counts(real_images_dir, tmp_path):
     shutil.copy(real_images_dir / "cifar10_00_3.png", tmp_path / "a.png")
     shutil.copy(real_images_dir / "mnist_00_7.png", tmp_path / "b.png")
+    d = build_pretrain_data(_cfg(tmp_path, on_error="skip"))  # one each: a tie goes to the larger count
+    assert d.channels == 3 and d.report.notes[0].startswith("converted 1 grey-scale image(s) to 3 channel(s)")
+    tifffile.imwrite(tmp_path / "c.tif", np.zeros((6, 8, 8), np.uint8), photometric="minisblack")
+    shutil.copy(real_images_dir / "cifar10_01_8.png", tmp_path / "a2.png")
     with pytest.raises(DataError) as e:
         build_pretrain_data(_cfg(tmp_path, on_error="skip"))
     msg = str(e.value)
-    assert "b.png" in msg and "1 channel" in msg and "a.png" in msg and "3" in msg
+    assert "c.tif" in msg and "6 channel" in msg and "2 of the 4 images have 3" in msg
+    (tmp_path / "c.tif").unlink()
+    (tmp_path / "a2.png").unlink()
     d = build_pretrain_data(_cfg(tmp_path, channels=1))
     assert d.channels == 1 and d.train[0]["image"].shape == (1, 32, 32)
     d3 = build_pretrain_data(_cfg(tmp_path, channels=3))

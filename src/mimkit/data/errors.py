@@ -42,6 +42,7 @@ class DataReport:
     usable: int = 0  # files kept after scanning
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) found while scanning
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, why): non-image side files
+    notes: list[str] = field(default_factory=list)  # what was adapted to the data (e.g. channel conversion)
     report_dir: str | None = None  # where workers append load-time failures
     local_errors: dict[str, str] = field(default_factory=dict)  # load-time failures seen by this process
 
@@ -77,6 +78,7 @@ class DataReport:
             "load_errors": [{"path": p, "reason": r} for p, r in load],
             "ignored_count": len(self.ignored),
             "ignored": [{"path": p, "reason": r} for p, r in self.ignored],
+            "notes": list(self.notes),
         }
 
     @property
@@ -87,6 +89,7 @@ class DataReport:
         """A few human-readable lines for the console."""
         load = self.load_errors()
         lines = [f"data[{self.source}]: {self.usable} usable of {self.scanned} scanned"]
+        lines += [f"  note: {n}" for n in self.notes]
         for title, items in (("unreadable (excluded)", self.unreadable), ("failed at load time (replaced)", load),
                              ("ignored non-image files", self.ignored)):
             if items:

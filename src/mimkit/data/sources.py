@@ -178,11 +178,21 @@ class _PathTable:
         return self.blob[a:b].tobytes().decode("utf-8", "surrogateescape")
 
 
+_CHANNEL_NAMES = {1: "grey-scale", 3: "RGB"}
+
+
+def usual_channels(counts: list[int]) -> int:
+    """The most common channel count; a tie goes to the larger count (converting up loses nothing)."""
+    return max(set(counts), key=lambda c: (counts.count(c), c))
+
+
 class FileSource:
     """Image files found by scanning; each file's header is probed once (format, size, channels).
 
-    ``channels`` forces a conversion of every image; when None it is inferred from the first usable file
-    (in sorted path order) and any file with another channel count is a DataError naming both counts.
+    ``channels`` forces a conversion of every image; when None it is the folder's usual (most common)
+    count, and images with another count are converted when a conversion is defined (grey-scale -> RGB
+    replicates, RGB -> grey uses luma), with one line in the report's notes saying how many; a count that
+    cannot be converted (e.g. a 4-band file among RGB photos) is a DataError naming both counts.
     Unreadable files are listed in the report; with on_error="error" the scan then raises, naming them.
     """
 
@@ -198,23 +208,35 @@ class FileSource:
             else:
                 candidates.append(f)
                 cand_labels.append(label)
-        keep_files, keep_labels = [], []
-        inferred_from = None
+        keep_files, keep_labels, counts = [], [], []
         for f, label, info in zip(candidates, cand_labels, probe_all(candidates)):
             if isinstance(info, DataError):
                 report.unreadable.append((str(f), str(info.__cause__ or info)))
                 continue
-            if channels is None:
-                channels, inferred_from = info.channels, f
-            elif inferred_from is not None and info.channels != channels:
-                raise ChannelMismatchError(
-                    f"{f} has {info.channels} channel(s) but {inferred_from} (the first image) has {channels}; "
-                    "set data.channels to convert all images to one count")
-            elif not convertible(info.channels, channels):
-                raise DataError(f"{f} has {info.channels} channel(s), which cannot be converted to "
-                                f"data.channels={channels} (only 1 -> N and RGB -> 1 are defined)")
-            keep_files.append(str(f))
+            keep_files.append(f)
             keep_labels.append(label)
+            counts.append(info.channels)
+        forced = channels is not None
+        if not forced and counts:
+            channels = usual_channels(counts)
+        converted: dict[int, int] = {}
+        for f, c in zip(keep_files, counts):
+            if c == channels:
+                continue
+            if not convertible(c, channels):
+                if forced:
+                    raise DataError(f"{f} has {c} channel(s), which cannot be converted to "
+                                    f"data.channels={channels} (only 1 -> N and RGB -> 1 are defined)")
+                raise ChannelMismatchError(
+                    f"{f} has {c} channel(s) but {counts.count(channels)} of the {len(counts)} images have "
+                    f"{channels}, and {c} -> {channels} is not a defined conversion (only 1 -> N and RGB -> 1); "
+                    "set data.channels, or move the other images out")
+            converted[c] = converted.get(c, 0) + 1
+        if converted and not forced:
+            kinds = ", ".join(f"{n} {_CHANNEL_NAMES.get(c, f'{c}-channel')}" for c, n in sorted(converted.items()))
+            report.notes.append(f"converted {kinds} image(s) to {channels} channel(s), the folder's usual count "
+                                f"({counts.count(channels)} of {len(counts)} images); set data.channels to choose")
+        keep_files = [str(f) for f in keep_files]
         if report.unreadable and on_error == "error":
             shown = "\n  ".join(f"{p}: {r}" for p, r in report.unreadable[:10])
             more = f"\n  ... and {len(report.unreadable) - 10} more" if len(report.unreadable) > 10 else ""
