@@ -95,3 +95,17 @@ def test_a_partial_override_of_a_nested_setting_keeps_the_methods_defaults_for_i
     assert cfg.method.teacher.stages == [(0.5, 0.999)]
     with pytest.raises(Exception, match="teacher"):
         load_config(overrides=["method=ibot", "method.teacher.strat=0.9"])
+
+
+def test_patch_size_that_does_not_tile_the_image_is_a_config_error(capsys):
+    from mimkit.cli import main
+
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["model.patch_size=5"])  # 28 px
+    msg = str(err.value)
+    assert "model.patch_size=5" in msg and "data.img_size=28" in msg and "[2, 4, 7, 14, 28]" in msg
+    load_config(overrides=["model.patch_size=7"])
+    assert main(["pretrain", "model.patch_size=5", "data.img_size=[28, 32]"]) == 2
+    err_text = capsys.readouterr().err
+    assert "model.patch_size=5 does not divide data.img_size=(28, 32)" in err_text and "[2, 4]" in err_text
+    assert "Traceback" not in err_text and len(err_text.splitlines()) == 2

@@ -156,3 +156,15 @@ def test_torchvision_split_argument(monkeypatch):
     assert src.dataset.split == "val" and src.channels == 3
     x, label = src.load(2)
     assert x.shape == (3, 7, 5) and label == 2 and int(x[0, 0, 0]) == 20
+
+
+def test_batch_larger_than_the_data_is_fitted_with_a_note():
+    from mimkit.data.build import fit_batch_to_data
+
+    assert fit_batch_to_data(128, 1000, 4) == (128, None)
+    assert fit_batch_to_data(128, 128) == (128, None)
+    size, note = fit_batch_to_data(128, 82)
+    assert size == 82 and note == ("optim.batch_size=128 is more than the 82 training images: using "
+                                   "optim.batch_size=82 (one step per epoch); set optim.batch_size to choose")
+    assert fit_batch_to_data(128, 82, divisor=8)[0] == 80  # whole micro-batches on every device
+    assert fit_batch_to_data(128, 5, divisor=8) == (None, None)

@@ -226,3 +226,19 @@ def build_labelled(cfg: DataConfig, split: str, mean, std) -> MIMDataset:
     ds = MIMDataset(source, indices, EvalTransform(size, mean, std), cfg.on_error, report=report)
     ds.classes = getattr(source, "classes", None)
     return ds
+
+
+def fit_batch_to_data(batch_size: int, n_train: int, divisor: int = 1) -> tuple[int, str | None]:
+    """The global batch to use for `n_train` training images, and a note when it had to be lowered.
+
+    A batch larger than the training split would give no optimizer step at all; it is lowered to the largest
+    multiple of `divisor` (world size x optim.accumulate, so every device still gets whole micro-batches)
+    that fits, so a small folder of photos just trains. None as the batch when not even `divisor` images fit.
+    """
+    if n_train >= batch_size:
+        return batch_size, None
+    fitted = (n_train // divisor) * divisor
+    if fitted < 1:
+        return None, None
+    return fitted, (f"optim.batch_size={batch_size} is more than the {n_train} training images: using "
+                    f"optim.batch_size={fitted} (one step per epoch); set optim.batch_size to choose")
