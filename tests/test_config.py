@@ -108,4 +108,4 @@ def test_patch_size_that_does_not_tile_the_image_is_a_config_error(capsys):
     assert main(["pretrain", "model.patch_size=5", "data.img_size=[28, 32]"]) == 2
     err_text = capsys.readouterr().err
     assert "model.patch_size=5 does not divide data.img_size=(28, 32)" in err_text and "[2, 4]" in err_text
-    assert "Traceback" not in err_text and len(err_text.splitlines()) == 2
+    assert "Traceback" not in err_text and len(err_text.splitlines()) == 2 and "field 'model'" in err_text

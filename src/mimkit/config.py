@@ -353,17 +353,22 @@ class PretrainConfig(Section):
             raise ValueError(f"the method section must be a mapping with a `name`, got {value!r}")
         return method_config_class(value.get("name", "mae")).model_validate(value)
 
-    @model_validator(mode="after")
-    def _patches_tile_the_image(self) -> "PretrainConfig":
-        size = self.data.img_size
+    @field_validator("model")
+    @classmethod
+    def _patches_tile_the_image(cls, model: ModelConfig, info) -> ModelConfig:
+        data = info.data.get("data")  # validated before `model` (field order); absent if it was invalid
+        if data is None:
+            return model
+        size = data.img_size
         h, w = (size, size) if isinstance(size, int) else size
-        p = self.model.patch_size
+        p = model.patch_size
         if h % p or w % p:
-            what = "mask-unit" if self.model.encoder.startswith("resnet") else "patch"
-            fits = [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0 and d > 1]
+            what = "mask-unit" if model.encoder.startswith("resnet") else "patch"
+            fits = [d for d in range(2, min(h, w) + 1) if h % d == 0 and w % d == 0]
+            choose = f"choose a patch size among {fits}" if fits else "no patch size above 1 divides both sides; choose"
             raise ValueError(f"model.patch_size={p} does not divide data.img_size={size!r}: the {what} grid must "
-                             f"tile the image exactly; choose a patch size among {fits} or another data.img_size")
-        return self
+                             f"tile the image exactly; {choose} or another data.img_size")
+        return model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,8 +429,6 @@ def _format_errors(err: ValidationError, model: type[BaseModel], tree: dict | No
             close = difflib.get_close_matches(loc[-1], allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             lines.append(f"unknown field '{field}'{hint}; allowed: {', '.join(allowed)}")
-        elif not loc and e["type"] == "value_error":  # a rule across sections: its message names the fields
-            lines.append(str(e["msg"]).removeprefix("Value error, "))
         else:
             value = e.get("input")
             shown = "" if isinstance(value, dict) else f" (got {value!r})"
