@@ -293,3 +293,28 @@ def test_limits_are_configurable_and_cover_tiff_bands(tmp_path, monkeypatch):
     monkeypatch.setenv("MIMKIT_MAX_IMAGE_PIXELS", "lots")
     with pytest.raises(DataError, match="MIMKIT_MAX_IMAGE_PIXELS='lots' is not a number"):
         probe_image(tmp_path / "small.png")
+
+
+def test_error_raised_in_a_loader_worker_prints_as_its_own_message():
+    """torch re-raises a worker's DataError with the worker traceback as its message: str() is the cause."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from mimkit.data.errors import ChannelMismatchError
+
+    class Failing(Dataset):
+        def __init__(self, error):
+            self.error = error
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise self.error
+
+    for err in (DataError("cannot decode image /x/y.png: OSError: truncated\n  second line"),
+                ChannelMismatchError("/x/z.png has 4 channel(s)")):
+        with pytest.raises(type(err)) as caught:
+            next(iter(DataLoader(Failing(err), num_workers=1)))
+        assert "Traceback" in caught.value.args[0]  # what torch hands back
+        assert str(caught.value) == f"{err.args[0]} (in DataLoader worker 0)"
+    assert str(DataError("plain")) == "plain"

@@ -272,3 +272,19 @@ def test_skip_without_report_dir_keeps_errors_in_memory_and_warns_once(broken_fo
     shutil.copy(broken_folder / "truncated.jpg", single / "only.jpg")
     with pytest.raises(DataError, match="only.jpg"), pytest.warns(RuntimeWarning, match="only.jpg"):
         build_pretrain_data(_cfg(single, on_error="skip"))
+
+
+def test_single_usable_image_says_what_is_wrong(real_images_dir, tmp_path):
+    """The only scan-passing file fails to decode: its own error, not a data.val_fraction message."""
+    good = real_images_dir / "cifar10_00_3.png"
+    (tmp_path / "trunc.png").write_bytes(good.read_bytes()[:300])  # header intact, pixel data cut
+    assert probe_image(tmp_path / "trunc.png").channels == 3
+    with pytest.raises(DataError) as e:
+        build_pretrain_data(_cfg(tmp_path, val_fraction=0.05))
+    msg = str(e.value)
+    assert "trunc.png" in msg and "truncated" in msg and "only image" in msg and "val_fraction" not in msg
+    (tmp_path / "trunc.png").unlink()
+    shutil.copy(good, tmp_path / "a.png")
+    with pytest.raises(DataError, match=r"only 1 usable image .*a\.png.*set data\.val_fraction=0"):
+        build_pretrain_data(_cfg(tmp_path, val_fraction=0.05))
+    assert len(build_pretrain_data(_cfg(tmp_path, val_fraction=0.0)).train) == 1

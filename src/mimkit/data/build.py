@@ -165,6 +165,22 @@ def compute_stats(source, indices: torch.Tensor, img_size: tuple[int, int], samp
     return mean.tolist(), std.tolist()
 
 
+def _refuse_single_image(cfg: DataConfig, source, report: DataReport) -> None:
+    """One usable image cannot be split into training and validation: say so, and first say why that image
+    itself fails when it does (a file can pass the header scan and fail to decode)."""
+    where = f"data.path {cfg.path}" if cfg.path else f"data.source={cfg.source}"
+    counts = (f"{report.scanned} scanned, {len(report.unreadable)} unreadable, {len(report.ignored)} ignored"
+              if report.scanned else "")
+    try:
+        source.load(0)
+    except DataError as err:
+        raise DataError(f"{err} -- and it is the only image in {where} that passed the header scan "
+                        f"({counts}); no usable images remain") from err
+    raise DataError(f"{where} holds only 1 usable image ({source.describe(0)}; {counts}): pretraining needs at "
+                    f"least 2, since data.val_fraction={cfg.val_fraction} holds one out for validation; add images "
+                    "or set data.val_fraction=0")
+
+
 def build_pretrain_data(cfg: DataConfig, report_dir: str | Path | None = None) -> PretrainData:
     """Training (augmenting) and validation (eval transform) datasets plus channels, size, mean/std, report.
 
@@ -185,6 +201,8 @@ def build_pretrain_data(cfg: DataConfig, report_dir: str | Path | None = None) -
                             report=report)
     source = make_source(cfg, "train", report)
     channels = int(source.channels)
+    if len(source) < 2 and cfg.val_fraction > 0:
+        _refuse_single_image(cfg, source, report)
     train_idx, val_idx = split_indices(len(source), cfg.val_fraction, cfg.split_seed, cfg.limit)
     if cfg.mean is not None:
         mean, std = _check_norm(cfg.mean, cfg.std, channels)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,30 @@ LOAD_ERRORS_FILE = "data_load_errors.tsv"
 REPORT_FILE = "data_report.json"
 
 
+_WORKER_ORIGIN = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)\.\nOriginal Traceback")
+
+
 class DataError(RuntimeError):
-    """A data problem (missing dataset, unreadable file, inconsistent channels); the message names the cause."""
+    """A data problem (missing dataset, unreadable file, inconsistent channels); the message names the cause.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process with the worker's whole traceback
+    as the message; ``str()`` then gives the original message (and which worker), so a command's
+    ``error:`` line stays the one clear line it is everywhere else.
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        origin = _WORKER_ORIGIN.match(text)
+        if not origin:
+            return text
+        name = origin.group(1)
+        lines = text.rstrip("\n").split("\n")
+        for k in range(len(lines) - 1, -1, -1):  # the exception line: "<module>.<Name>: message"
+            head, sep, rest = lines[k].partition(": ")
+            if sep and head.rsplit(".", 1)[-1] == name and not lines[k].startswith(" "):
+                message = "\n".join([rest, *lines[k + 1:]])
+                return f"{message} (in DataLoader worker {origin.group(2)})"
+        return text
 
 
 class ChannelMismatchError(DataError):
