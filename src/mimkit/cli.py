@@ -44,7 +44,11 @@ def _cmd_pretrain(args) -> int:
     summary = {"run_dir": str(run_dir), **{k: v for k, v in result.metrics.items()}}
     method, data = result.method.cpu().eval(), result.data
     if cfg.eval.visualize:
-        path = save_reconstructions(method, cfg, data.mean, data.std, run_dir / "reconstruction.png", cfg.eval.num_images)
+        notes: list[str] = []
+        path = save_reconstructions(method, cfg, data.mean, data.std, run_dir / "reconstruction.png",
+                                    cfg.eval.num_images, notes)
+        for note in notes:
+            print(f"note: {note}")
         if path:
             summary["reconstruction"] = str(path)
             print(f"reconstructions: {path}")
@@ -151,8 +155,10 @@ def _cmd_eval(args) -> int:
         eval_updates["layers"] = [int(i) for i in args.layers.split(",")]
     ecfg = cfg.eval.model_copy(update=eval_updates)
     if not has_labels(cfg.data):
-        raise SystemExit(f"error: evaluation needs labelled images, and data.source={cfg.data.source!r} has none; "
-                         "use e.g. data.source=imagefolder data.path=DIR")
+        from mimkit.data import DataError
+
+        raise DataError(f"evaluation needs labelled images, and data.source={cfg.data.source!r} has none; "
+                        "use e.g. data.source=imagefolder data.path=DIR")
     if external:
         mean, std = norm_for(loaded, int(make_source(cfg.data, "test", DataReport()).channels))
     else:
@@ -160,7 +166,10 @@ def _cmd_eval(args) -> int:
     data = cfg.data.model_copy(update={"mean": list(mean), "std": list(std)})
     train, test = build_labelled(data, "train", mean, std), build_labelled(data, "test", mean, std)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    res = run_protocol(args.protocol, loaded.encoder, train, test, ecfg, device=device)
+    from mimkit.eval.features import progress_bars
+
+    with progress_bars(args.protocol if cfg.trainer.progress else None):  # trainer.progress=false: no bars
+        res = run_protocol(args.protocol, loaded.encoder, train, test, ecfg, device=device)
     res = {**res, "encoder": args.checkpoint, "data": cfg.data.source}
     if args.protocol == "knn":  # the keys `mimkit eval` wrote before protocols existed
         d = res["details"]
@@ -181,14 +190,20 @@ def _cmd_visualize(args) -> int:
 
     method, cfg, ckpt = _load(args.checkpoint)
     cfg = apply_overrides(cfg, args.overrides)
-    out = Path(args.out) if args.out else _run_dir(args.checkpoint) / "reconstruction.png"
-    path = save_reconstructions(method, cfg, ckpt["data"]["mean"], ckpt["data"]["std"], out, args.num_images)
+    # not reconstruction.png: that is the training's own picture, kept as it was
+    out = Path(args.out) if args.out else _run_dir(args.checkpoint) / "visualize" / "reconstruction.png"
+    notes: list[str] = []
+    path = save_reconstructions(method, cfg, ckpt["data"]["mean"], ckpt["data"]["std"], out, args.num_images, notes)
     if path is None:
         from mimkit.pipeline import save_mask_attention
 
+        notes.clear()
         path = save_mask_attention(method, cfg, ckpt["data"]["mean"], ckpt["data"]["std"],
-                                   out.with_name(out.stem.replace("reconstruction", "masks") + out.suffix), args.num_images)
+                                   out.with_name(out.stem.replace("reconstruction", "masks") + out.suffix),
+                                   args.num_images, notes)
         print(f"method {cfg.method.name!r} predicts no pixels: drew its masks and class-token attention instead")
+    for note in notes:
+        print(f"note: {note}")
     print(f"wrote {path}")
     return 0
 
@@ -288,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("visualize", help="picture: original | masked | reconstruction | reconstruction + visible")
     s.add_argument("checkpoint", help="checkpoint file or run folder")
-    s.add_argument("--out", help="PNG path (default: reconstruction.png beside the checkpoint)")
+    s.add_argument("--out", help="PNG path (default: <run>/visualize/reconstruction.png; the training's own "
+                   "reconstruction.png is left as it is)")
     s.add_argument("--num-images", type=int, default=8)
     s.add_argument("overrides", nargs="*", help="data.* overrides, to draw other images")
     s.set_defaults(func=_cmd_visualize)

@@ -68,46 +68,68 @@ def baseline_table(method, cfg: PretrainConfig, mean, std, *, device: str | torc
     return label_table(encoders, train, test, cfg.eval, device)
 
 
-def reconstruction_batch(cfg: PretrainConfig, mean, std, num_images: int, seed: int = 0) -> dict:
-    """A fixed batch of un-augmented images with fixed per-image seeds, for comparable pictures."""
-    from mimkit.data import build_labelled, build_pretrain_data, fixed_batch
+def reconstruction_batch(cfg: PretrainConfig, mean, std, num_images: int, seed: int = 0,
+                         notes: list[str] | None = None) -> dict:
+    """A fixed batch of un-augmented images with fixed per-image seeds, for comparable pictures.
+
+    Labelled sources draw from the test split; others from the held-out (val) split, topped up from the
+    training images (without augmentation) when it holds fewer than `num_images`. When fewer images
+    exist than asked for, or the training split had to be used, a line saying so is appended to `notes`.
+    """
+    from mimkit.data import MIMDataset, build_labelled, build_pretrain_data, fixed_batch
 
     data = _with_stats(cfg.data, mean, std)
     if has_labels(data):
         dataset = build_labelled(data, "test", mean, std)
+        where = "test split"
     else:
         bundle = build_pretrain_data(data)
-        dataset = bundle.val if len(bundle.val) else bundle.train
+        n_val = len(bundle.val)
+        indices = bundle.val.indices
+        if n_val < num_images:  # the held-out images first, then training images, all with the eval transform
+            indices = torch.cat([indices, bundle.train.indices[: num_images - n_val]])
+            if notes is not None and len(indices) > n_val:
+                notes.append(f"the held-out split has {n_val} image(s); {len(indices) - n_val} more are drawn "
+                             "from the training images (not augmented)")
+        dataset = MIMDataset(bundle.train.source, indices, bundle.val.transform, data.on_error)
+        where = "data"
+    if notes is not None and len(dataset) < num_images:
+        notes.append(f"asked for {num_images} images, drawing {len(dataset)}: that is all the {where} holds")
     return fixed_batch(dataset, num_images, seed)
 
 
-def save_reconstructions(method, cfg: PretrainConfig, mean, std, path: str | Path, num_images: int = 8) -> Path | None:
-    """Draw the fixed batch's reconstructions to `path`; None (no file) when the method predicts no pixels."""
+def save_reconstructions(method, cfg: PretrainConfig, mean, std, path: str | Path, num_images: int = 8,
+                         notes: list[str] | None = None) -> Path | None:
+    """Draw the fixed batch's reconstructions to `path`; None (no file) when the method predicts no pixels.
+    `notes` collects what differs from what was asked (see :func:`reconstruction_batch`)."""
     from mimkit.viz import save_reconstruction_grid
 
-    batch = reconstruction_batch(cfg, mean, std, num_images)
-    return save_reconstruction_grid(method.cpu().eval(), batch, path, mean, std)
+    batch = reconstruction_batch(cfg, mean, std, num_images, notes=notes)
+    return save_reconstruction_grid(method.cpu().eval(), batch, path, mean, std, max_images=None)
 
 
 @torch.no_grad()
-def save_mask_attention(method, cfg: PretrainConfig, mean, std, path: str | Path, num_images: int = 8) -> Path:
+def save_mask_attention(method, cfg: PretrainConfig, mean, std, path: str | Path, num_images: int = 8,
+                        notes: list[str] | None = None) -> Path:
     """For methods that predict no pixels (HOG, features): the fixed batch with the hidden patches the method
     chooses (when it has `make_mask`) and the last block's class-token attention (mean over heads)."""
     from mimkit.eval.analysis import cls_attention
     from mimkit.viz.attention import render_attention_grid
 
     method = method.cpu().eval()
-    batch = reconstruction_batch(cfg, mean, std, num_images)
+    batch = reconstruction_batch(cfg, mean, std, num_images, notes=notes)
     images = batch["image"]
-    maps = []
+    maps, titles = [], ["image"]
     mask = method.make_mask(batch) if hasattr(method, "make_mask") else None
     if mask is not None and getattr(mask, "masked", None) is not None and hasattr(method.encoder, "grid"):
         maps.append(mask.masked.float().view(-1, *method.encoder.grid.shape))
+        titles.append("hidden patches")
     if hasattr(method.encoder, "blocks"):
         maps.append(cls_attention(method.encoder, images, layers=[-1])[0].mean(dim=1))
+        titles.append("class-token attention (last block)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    render_attention_grid(images, maps, mean, std).save(path, format="PNG")
+    render_attention_grid(images, maps, mean, std, titles=titles).save(path, format="PNG")
     return path
 
 

@@ -8,7 +8,9 @@ would (up to floating-point differences of batch composition) after encoding onl
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -47,6 +49,30 @@ def _batches(data, batch_size: int, limit: int | None) -> Iterable:
     if limit is not None and limit < len(data):
         data = Subset(data, range(limit))
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate)
+
+
+_PROGRESS: contextvars.ContextVar[str | None] = contextvars.ContextVar("mimkit_eval_progress", default=None)
+
+
+@contextlib.contextmanager
+def progress_bars(label: str | None = "features") -> Iterator[None]:
+    """Within this block, every feature/token extraction shows a progress bar (images encoded, images/s) on
+    stderr, named `label`, as pretraining shows its steps; None turns them off. Commands wrap a protocol in
+    it; library calls stay silent."""
+    token = _PROGRESS.set(label)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _bar(total: int | None):
+    label = _PROGRESS.get()
+    if label is None:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"{label}: encoding", unit="img", dynamic_ncols=True, leave=False)
 
 
 def _world() -> tuple[int, int]:
@@ -117,6 +143,8 @@ def encode_dataset(encoder: nn.Module, dataset_or_loader, fn, batch_size: int = 
     was_training = encoder.training
     encoder.eval()
     outs, labels, seen = [], [], 0
+    total = len(dataset_or_loader) if _is_dataset(dataset_or_loader) else None
+    bar = _bar(min(total, limit) if total is not None and limit is not None else total)
     try:
         for batch in _batches(dataset_or_loader, batch_size, limit):
             images, y = _split(batch)
@@ -128,10 +156,14 @@ def encode_dataset(encoder: nn.Module, dataset_or_loader, fn, batch_size: int = 
             outs.append([o.cpu() for o in out] if isinstance(out, (list, tuple)) else [out.cpu()])
             labels.append(y.cpu())
             seen += images.shape[0]
+            if bar is not None:
+                bar.update(images.shape[0])
             if limit is not None and seen >= limit:
                 break
     finally:
         encoder.train(was_training)
+        if bar is not None:
+            bar.close()
     if not outs:
         raise ValueError("no images to extract features from")
     return [torch.cat(parts) for parts in zip(*outs)], torch.cat(labels)

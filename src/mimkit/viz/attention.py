@@ -54,9 +54,11 @@ def render_attention_grid(
     min_cell: int = 96,
     gap: int = 4,
     background: int = 255,
+    titles: Sequence[str] | None = None,
 ) -> Image.Image:
     """RGB grid: column 0 the images, then one column per map. images: normalised [B, C, H, W];
-    maps: each [B, h, w], stretched per image from its minimum (0) to its maximum (1)."""
+    maps: each [B, h, w], stretched per image from its minimum (0) to its maximum (1). `titles`: one per
+    column (images first), drawn in a band on top."""
     b, _, h, w = images.shape
     gray = _gray(images, mean, std)
     scale = max(1, math.ceil(min_cell / max(h, w)))
@@ -76,6 +78,12 @@ def render_attention_grid(
         for j, cell in enumerate(cells):
             x0 = gap + j * (cw + gap)
             canvas[y0:y0 + ch, x0:x0 + cw] = np.clip(np.round(cell * 255), 0, 255).astype(np.uint8)
+    if titles is not None:
+        if len(titles) != cols:
+            raise ValueError(f"need {cols} titles (images, then one per map), got {len(titles)}")
+        from mimkit.viz.titles import add_column_titles
+
+        canvas = add_column_titles(canvas, titles, cw, gap, background)
     return Image.fromarray(canvas)
 
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from mimkit.methods.base import Reconstruction
+from mimkit.viz.titles import add_column_titles
 
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
@@ -57,10 +58,11 @@ def render_reconstruction_grid(
     gap: int = 4,
     mask_fill: float = 0.15,
     background: int = 255,
+    titles: bool = True,
 ) -> Image.Image:
     """The grid as a PIL image (mode "L" or "RGB"). Cells are upscaled by an integer factor (nearest
     neighbour) so that each is at least `min_cell` pixels on its longer side; `gap` pixels of `background`
-    separate cells and surround the grid."""
+    separate cells and surround the grid. `titles`: a band on top names the columns (:data:`COLUMNS`)."""
     b, c, h, w = rec.original.shape
     m, s = _per_channel(mean, c), _per_channel(std, c)
     hidden = _hidden_pixels(rec).cpu()
@@ -78,6 +80,8 @@ def render_reconstruction_grid(
         for i in range(b):
             y0 = gap + i * (ch + gap)
             canvas[y0:y0 + ch, x0:x0 + cw] = cells[i]
+    if titles:
+        canvas = add_column_titles(canvas, COLUMNS, cw, gap, background)
     if out_c == 1:
         return Image.fromarray(canvas[:, :, 0])  # uint8 [H, W] -> mode "L"
     return Image.fromarray(canvas)  # uint8 [H, W, 3] -> mode "RGB"
