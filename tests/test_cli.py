@@ -58,9 +58,8 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
 
 
 def test_default_outputs_go_into_the_run_folder(run_dir):
-    (run_dir / "reconstruction.png").unlink()
     assert main(["visualize", str(run_dir), "--num-images", "2"]) == 0
-    assert (run_dir / "reconstruction.png").is_file()
+    assert (run_dir / "visualize" / "reconstruction.png").is_file()
     assert main(["export", str(run_dir / "checkpoints" / "last.ckpt"), "--format", "mae"]) == 0
     assert (run_dir / "export-mae" / "model.safetensors").is_file()
 

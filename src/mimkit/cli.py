@@ -220,9 +220,15 @@ def _cmd_report(args) -> int:
 def _cmd_export(args) -> int:
     from mimkit.interop import export_checkpoint
 
+    import warnings
+
     ckpt = _checkpoint_path(args.checkpoint)
     out = Path(args.out) if args.out else _run_dir(args.checkpoint) / f"export-{args.format}"
-    path = export_checkpoint(ckpt, out, args.format)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export_checkpoint(ckpt, out, args.format)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     print(f"exported {args.format} weights to {path}")
     return 0
 
@@ -238,7 +244,13 @@ def _cmd_info(args) -> int:
 def _cmd_import_mae(args) -> int:
     from mimkit.interop import import_mae_checkpoint
 
-    path = import_mae_checkpoint(args.source, args.out)
+    assumed: list[str] = []
+    size = None if args.img_size is None else (args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size))
+    path = import_mae_checkpoint(args.source, args.out, args.arch, img_size=size, decoder_heads=args.decoder_heads,
+                                 mask_ratio=args.mask_ratio, norm_pix=args.norm_pix, mean=args.mean, std=args.std,
+                                 assumed=assumed)
+    for line in assumed:
+        print(f"assumed: {line}")
     print(f"wrote mimkit checkpoint {path}")
     return 0
 
@@ -343,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("import-mae", help="convert a facebookresearch/mae checkpoint into a mimkit checkpoint")
     s.add_argument("source", help="their .pth (loaded with weights_only=True) or .safetensors")
     s.add_argument("--out", required=True, help="mimkit checkpoint to write")
+    s.add_argument("--arch", help="encoder preset to insist on (default: the one of the weights' width)")
+    s.add_argument("--decoder-heads", type=int, help="decoder attention heads (not in the weights; default: "
+                   "the preset decoder of that width, e.g. 16 for MAE's 512-wide decoder)")
+    s.add_argument("--norm-pix", action=argparse.BooleanOptionalAction, default=None,
+                   help="the model was trained with --norm_pix_loss (default: off, or the export's config.json)")
+    s.add_argument("--img-size", type=int, nargs="+", metavar="PX", help="image size: one number or H W "
+                   "(default: a square grid of the position embeddings)")
+    s.add_argument("--mask-ratio", type=float, help="mask ratio for continued pretraining (default 0.75)")
+    s.add_argument("--mean", type=float, nargs="+", help="per-channel mean (default: ImageNet's for 3 channels)")
+    s.add_argument("--std", type=float, nargs="+", help="per-channel std (default: ImageNet's for 3 channels)")
     s.set_defaults(func=_cmd_import_mae)
     return p
 

@@ -116,9 +116,70 @@ def test_mae_config_json_describes_the_architecture(write_ckpt, tmp_path):
     path, method, cfg = write_ckpt()
     out = export_checkpoint(path, tmp_path / "mae", "mae")
     conf = json.loads((out / "config.json").read_text())
-    assert (conf["embed_dim"], conf["depth"], conf["num_heads"]) == (192, 12, 3)
-    assert (conf["decoder_embed_dim"], conf["decoder_depth"], conf["decoder_num_heads"]) == (128, 2, 4)
-    assert conf["patch_size"] == [4, 4] and conf["img_size"] == [16, 16] and conf["norm_pix_loss"] is True
+    con = conf["constructor"]
+    # exactly the keyword arguments of MaskedAutoencoderViT.__init__ in facebookresearch/mae's models_mae.py
+    # (written out here; norm_layer is built from layer_norm_eps), with the scalar types it expects
+    assert sorted(con) == sorted(["img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                                  "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio",
+                                  "norm_pix_loss"])
+    assert (con["img_size"], con["patch_size"], con["in_chans"]) == (16, 4, 3)
+    assert (con["embed_dim"], con["depth"], con["num_heads"]) == (192, 12, 3)
+    assert (con["decoder_embed_dim"], con["decoder_depth"], con["decoder_num_heads"]) == (128, 2, 4)
+    assert con["mlp_ratio"] == 4.0 and con["norm_pix_loss"] is True
+    assert conf["layer_norm_eps"] == 1e-6 and "official_code_limits" not in conf
+    assert method.encoder.norm.eps == 1e-6 and method.decoder.norm.eps == 1e-6
+
+
+def test_mae_export_warns_about_what_the_official_code_cannot_run(write_ckpt, tmp_path, capsys):
+    from mimkit.cli import main
+
+    path, method, cfg = write_ckpt(img_size=(8, 12), channels=1)
+    with pytest.warns(UserWarning) as caught:
+        out = export_checkpoint(path, tmp_path / "mae", "mae")
+    messages = [str(w.message) for w in caught]
+    assert any("square" in m for m in messages) and any("hard-code 3 channels" in m for m in messages)
+    conf = json.loads((out / "config.json").read_text())
+    assert "constructor" not in conf and len(conf["official_code_limits"]) == 2
+    assert main(["export", str(path), "--format", "mae", "--out", str(tmp_path / "m2")]) == 0
+    assert capsys.readouterr().err.count("warning: facebookresearch/mae's code cannot run") == 2
+    from mimkit.interop import ExportError
+
+    with pytest.raises(ExportError) as err:
+        export_checkpoint(path, tmp_path / "hf", "hf")
+    assert "export the encoder to timm instead" in str(err.value) and "timm or mae" not in str(err.value)
+
+
+def test_import_says_what_it_assumed_and_takes_the_settings(h, tmp_path, capsys):
+    """An official-layout file with 8 decoder heads at width 128 (not visible in the weights)."""
+    from mimkit.cli import main
+
+    method, _, hw = h.make_method(img_size=16, channels=3, norm_pix=True, decoder_heads=8)
+    table = official_table(12, 2)
+    torch.save({"model": {table[k]: v for k, v in method.state_dict().items()}}, tmp_path / "official.pth")
+    assert main(["import-mae", str(tmp_path / "official.pth"), "--out", str(tmp_path / "guess.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "assumed: 4 decoder heads" in out and "--decoder-heads" in out and "assumed: norm_pix off" in out
+    assert "assumed: ImageNet mean" in out and "assumed: image size 16x16" in out
+    x, z = h.images(3, hw), h.noise(16)
+    assert main(["import-mae", str(tmp_path / "official.pth"), "--out", str(tmp_path / "given.pt"),
+                 "--decoder-heads", "8", "--norm-pix", "--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25",
+                 "0.25", "--img-size", "16", "--mask-ratio", "0.75"]) == 0
+    out = capsys.readouterr().out
+    assert "assumed" not in out
+    given, cfg, ckpt = method_from_checkpoint(tmp_path / "given.pt")
+    assert cfg.model.decoder_heads == 8 and cfg.method.norm_pix and ckpt["data"]["mean"] == [0.5] * 3
+    with torch.no_grad():
+        torch.testing.assert_close(given({"image": x, "mask_noise": z})["loss"],
+                                   method({"image": x, "mask_noise": z})["loss"], rtol=1e-6, atol=0)
+
+
+def test_run_trained_with_model_depth_imports(write_ckpt, h, tmp_path):
+    path, method, cfg = write_ckpt(depth=3)
+    out = export_checkpoint(path, tmp_path / "mae", "mae")
+    back = import_mae_checkpoint(out, tmp_path / "back.pt")
+    method2, cfg2, _ = method_from_checkpoint(back)
+    assert cfg2.model.encoder == "vit_tiny" and cfg2.model.depth == 3
+    h.assert_same_state(method.state_dict(), method2.state_dict())
 
 
 def test_non_rgb_weights_need_their_statistics(h, tmp_path):

@@ -5,6 +5,7 @@ Every output is a folder with `model.safetensors` and `config.json`; nothing is 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from mimkit.engine.checkpoint import CheckpointError, method_from_checkpoint
@@ -61,7 +62,8 @@ def hf_config_dict(method, cfg) -> dict:
     if h != w:
         raise ExportError(
             f"transformers ViTMAE needs a square image size, this model uses {h}x{w} "
-            f"(ViTMAEForPreTraining's patchify and position embeddings assume square inputs); export to timm or mae instead"
+            f"(ViTMAEForPreTraining's patchify and position embeddings assume square inputs); export the encoder to timm "
+            f"instead (MAE's own code assumes square images too)"
         )
     if ph != pw:
         raise ExportError(f"transformers ViTMAE needs a square patch size, this model uses {ph}x{pw}")
@@ -106,25 +108,55 @@ def _hf_preprocessor(method, data: dict) -> dict:
     }
 
 
+# the keyword arguments of facebookresearch/mae's MaskedAutoencoderViT (models_mae.py), besides norm_layer
+MAE_CONSTRUCTOR_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+                        "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_pix_loss")
+MAE_LOAD_HINT = ("model = MaskedAutoencoderViT(**config['constructor'], "
+                 "norm_layer=functools.partial(torch.nn.LayerNorm, eps=config['layer_norm_eps']))")
+
+
+def mae_official_limits(method) -> list[str]:
+    """What facebookresearch/mae's code cannot run for this model (empty: it runs as is)."""
+    enc = method.encoder
+    (h, w), (ph, pw) = enc.grid.img_size, enc.grid.patch_size
+    limits = []
+    if h != w or ph != pw:
+        limits.append(f"its constructor takes one square image and patch size (this model: {h}x{w} images, "
+                      f"{ph}x{pw} patches), so there is no 'constructor' entry")
+    if enc.grid.in_chans != 3:
+        limits.append(f"its patchify/unpatchify (loss and reconstructions) hard-code 3 channels; this model takes "
+                      f"{enc.grid.in_chans}: the encoder builds with in_chans={enc.grid.in_chans}, the loss does not run")
+    return limits
+
+
 def _mae_config(method, cfg, data: dict) -> dict:
+    """config.json of the "mae" export: `constructor` is exactly what MaskedAutoencoderViT takes (see
+    docs/interop: two lines load it); the other keys are what mimkit's importer and a reader need."""
     enc, dec = method.encoder, method.decoder
-    return {
-        "layout": "facebookresearch/mae MaskedAutoencoderViT",
-        "img_size": list(enc.grid.img_size),
-        "patch_size": list(enc.grid.patch_size),
-        "in_chans": enc.grid.in_chans,
-        "embed_dim": enc.embed_dim,
-        "depth": enc.depth,
-        "num_heads": enc.num_heads,
-        "decoder_embed_dim": dec.embed.out_features,
-        "decoder_depth": len(dec.blocks),
-        "decoder_num_heads": dec.blocks[0].attn.num_heads if len(dec.blocks) else 1,
-        "mlp_ratio": enc.mlp_ratio,
-        "norm_pix_loss": bool(cfg.method.norm_pix),
-        "mask_ratio": float(cfg.method.mask_ratio),
-        "mean": list(data["mean"]),
-        "std": list(data["std"]),
-    }
+    (h, w), (ph, pw) = enc.grid.img_size, enc.grid.patch_size
+    norm = enc.norm
+    conf = {"layout": "facebookresearch/mae MaskedAutoencoderViT"}
+    limits = mae_official_limits(method)
+    if h == w and ph == pw:
+        conf["constructor"] = {
+            "img_size": int(h), "patch_size": int(ph), "in_chans": int(enc.grid.in_chans),
+            "embed_dim": int(enc.embed_dim), "depth": int(enc.depth), "num_heads": int(enc.num_heads),
+            "decoder_embed_dim": int(dec.embed.out_features), "decoder_depth": len(dec.blocks),
+            "decoder_num_heads": int(dec.blocks[0].attn.num_heads) if len(dec.blocks) else 1,
+            "mlp_ratio": float(enc.mlp_ratio), "norm_pix_loss": bool(cfg.method.norm_pix),
+        }
+        conf["load"] = MAE_LOAD_HINT
+    conf["layer_norm_eps"] = float(getattr(norm, "eps", 1e-6))  # MAE's models use 1e-6; nn.LayerNorm's default 1e-5
+    if limits:
+        conf["official_code_limits"] = limits
+    conf.update({
+        # mimkit's own description (re-import with `mimkit import-mae`; any geometry)
+        "img_size": [int(h), int(w)], "patch_size": [int(ph), int(pw)], "in_chans": int(enc.grid.in_chans),
+        "decoder_num_heads": int(dec.blocks[0].attn.num_heads) if len(dec.blocks) else 1,
+        "norm_pix_loss": bool(cfg.method.norm_pix), "mask_ratio": float(cfg.method.mask_ratio),
+        "mean": list(data["mean"]), "std": list(data["std"]),
+    })
+    return conf
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "timm") -> Path:
@@ -132,7 +164,9 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "ti
 
     timm: loadable with `timm.create_model("local-dir:<out_dir>", pretrained=True)` (encoder only).
     hf:   loadable with `transformers.ViTMAEForPreTraining.from_pretrained(out_dir)` (encoder and decoder).
-    mae:  facebookresearch/mae's MaskedAutoencoderViT state dict, plus a config.json describing it.
+    mae:  facebookresearch/mae's MaskedAutoencoderViT state dict, plus a config.json whose `constructor` entry
+          is MaskedAutoencoderViT's keyword arguments (with `layer_norm_eps` for its norm_layer); geometries
+          MAE's code cannot run (non-square, not 3 channels) are warned about and listed there.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -154,6 +188,9 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "ti
         write_json(config, out / CONFIG_NAME)
         write_json(_hf_preprocessor(method, data), out / "preprocessor_config.json")
     else:
+        for limit in mae_official_limits(method):
+            warnings.warn(f"facebookresearch/mae's code cannot run this model as it is: {limit}", UserWarning,
+                          stacklevel=2)
         write_safetensors(keymaps.mimkit_to_mae(state), out / WEIGHTS_NAME, meta)
         write_json(_mae_config(method, cfg, data), out / CONFIG_NAME)
     return out

@@ -29,21 +29,25 @@ from mimkit.interop.io import (
 from mimkit.models import DECODER_PRESETS, VIT_PRESETS
 
 
-def _encoder_preset(dim: int, depth: int, arch: str | None, source: str) -> str:
+def _encoder_preset(dim: int, depth: int, arch: str | None, source: str) -> dict:
+    """ModelConfig encoder fields for weights `dim` wide and `depth` blocks deep: the preset of that width
+    (`arch` to insist on one), with ``depth`` set when the weights have another number of blocks than the
+    preset (a run trained with ``model.depth``)."""
     if arch is not None:
         if arch not in VIT_PRESETS:
             raise CheckpointError(f"unknown encoder {arch!r}; choose one of {sorted(VIT_PRESETS)}")
-        spec = VIT_PRESETS[arch]
-        if (spec.embed_dim, spec.depth) != (dim, depth):
-            raise CheckpointError(
-                f"{source}: weights have width {dim} and depth {depth}, but {arch} is {spec.embed_dim} wide and {spec.depth} deep"
-            )
-        return arch
-    for name, spec in VIT_PRESETS.items():
-        if spec.embed_dim == dim and spec.depth == depth:
-            return name
+        if VIT_PRESETS[arch].embed_dim != dim:
+            raise CheckpointError(f"{source}: weights have width {dim}, but {arch} is {VIT_PRESETS[arch].embed_dim} wide")
+        names = [arch]
+    else:
+        names = [n for n, spec in VIT_PRESETS.items() if spec.embed_dim == dim]
+    exact = [n for n in names if VIT_PRESETS[n].depth == depth]
+    if exact:
+        return {"encoder": exact[0]}
+    if names:
+        return {"encoder": names[0], "depth": depth}
     known = ", ".join(f"{n} ({s.embed_dim}x{s.depth})" for n, s in VIT_PRESETS.items())
-    raise CheckpointError(f"{source}: no mimkit encoder has width {dim} and depth {depth}; known: {known}")
+    raise CheckpointError(f"{source}: no mimkit encoder has width {dim}; known: {known}")
 
 
 def _decoder_settings(dim: int, depth: int, heads: int | None) -> dict:
@@ -97,11 +101,11 @@ def _build_and_save(state: dict, cfg_tree: dict, data: dict, out_ckpt, source: d
     return save_method_checkpoint(method, cfg, data, out_ckpt, source=source)
 
 
-def _config_tree(preset: str, patch: int, dec: dict, mask_ratio: float, norm_pix: bool, data: dict) -> dict:
+def _config_tree(encoder: dict, patch: int, dec: dict, mask_ratio: float, norm_pix: bool, data: dict) -> dict:
     h, w = data["img_size"]
     return {
         "method": {"name": "mae", "mask_ratio": mask_ratio, "norm_pix": norm_pix},
-        "model": {"encoder": preset, "patch_size": patch, **dec},
+        "model": {**encoder, "patch_size": patch, **dec},
         "data": {"img_size": h if h == w else [h, w], "channels": data["channels"], "mean": data["mean"], "std": data["std"]},
     }
 
@@ -134,6 +138,7 @@ def import_mae_checkpoint(
     norm_pix: bool | None = None,
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    assumed: list[str] | None = None,
 ) -> Path:
     """Convert a facebookresearch/mae checkpoint (.pth {"model": state_dict, ...} or .safetensors, or a folder
     from `export_checkpoint(fmt="mae")`) into a mimkit checkpoint at `out_ckpt`; returns `out_ckpt`.
@@ -146,10 +151,15 @@ def import_mae_checkpoint(
 
     `norm_pix` defaults to False, as in MAE's code and its released visualisation checkpoints (pixel targets);
     set it True for models trained with --norm_pix_loss. Files written by mimkit's own "mae" export carry
-    these settings in their config.json and need no arguments.
+    these settings in their config.json and need no arguments. A run trained with ``model.depth`` imports
+    as its width's preset with that depth. `assumed` (a list) receives one line per setting that was neither
+    given nor in the file (decoder heads, norm_pix, mean/std, image size, mask ratio), which
+    ``mimkit import-mae`` prints.
     """
     path = Path(path)
     weights, meta = _mae_file(path)
+    meta = {**meta, **(meta.get("constructor") or {})}  # the official constructor's arguments, when written
+    assumed = assumed if assumed is not None else []
     raw = read_state_file(weights)
     dropped = sorted(k for k in raw if k.startswith(("head.", "fc_norm.")))
     raw = {k: v for k, v in raw.items() if k not in dropped}
@@ -166,6 +176,9 @@ def import_mae_checkpoint(
     if mlp != 4 * dim:
         raise CheckpointError(f"{weights}: MLP width {mlp} is not 4x the embedding width {dim}; mimkit encoders use ratio 4")
     n = raw["pos_embed"].shape[1] - 1
+    if meta.get("num_heads") is not None and int(meta["num_heads"]) != VIT_PRESETS[preset["encoder"]].num_heads:
+        raise CheckpointError(f"{weights}: {meta['num_heads']} encoder heads, but mimkit's {preset['encoder']} uses "
+                              f"{VIT_PRESETS[preset['encoder']].num_heads}")
     if img_size is None and meta.get("img_size"):
         img_size = meta["img_size"]
     if img_size is None:
@@ -173,8 +186,13 @@ def import_mae_checkpoint(
         if side * side != n:
             raise CheckpointError(f"{weights}: {n} position embeddings is not a square grid; pass img_size=(H, W)")
         img_size = (side * ph, side * ph)
-    data = _data_meta(img_size, channels, mean if mean is not None else meta.get("mean"),
-                      std if std is not None else meta.get("std"))
+        assumed.append(f"image size {img_size[0]}x{img_size[1]} (a square grid of the {n} position embeddings; "
+                       "--img-size H W for another)")
+    mean = mean if mean is not None else meta.get("mean")
+    std = std if std is not None else meta.get("std")
+    if (mean is None or std is None) and channels == 3:
+        assumed.append(f"ImageNet mean {IMAGENET_MEAN} and std {IMAGENET_STD} (--mean/--std for others)")
+    data = _data_meta(img_size, channels, mean, std)
     gh, gw = data["img_size"][0] // ph, data["img_size"][1] // ph
     if gh * gw != n:
         raise CheckpointError(f"{weights}: image size {data['img_size']} with patch {ph} gives {gh * gw} patches, the file has {n}")
@@ -186,14 +204,23 @@ def import_mae_checkpoint(
         if decoder_heads is None:
             decoder_heads = meta.get("decoder_num_heads")
         dec = _decoder_settings(ddim, ddepth, decoder_heads)
+        if decoder_heads is None:
+            heads = dec.get("decoder_heads") or DECODER_PRESETS[dec["decoder"]].num_heads
+            assumed.append(f"{heads} decoder heads (not in the weights; guessed from the width {ddim}: "
+                           "--decoder-heads N if the model was trained with another count, else its loss is wrong)")
         pred = raw["decoder_pred.weight"].shape[0]
         if pred != ph * ph * channels:
             raise CheckpointError(f"{weights}: decoder predicts {pred} values per patch, expected {ph}*{ph}*{channels}")
     else:
         dec = {"decoder": "mae"} if decoder_heads is None else {"decoder": "mae", "decoder_heads": decoder_heads}
     if mask_ratio is None:
+        if "mask_ratio" not in meta:
+            assumed.append("mask ratio 0.75 (MAE's; --mask-ratio for another)")
         mask_ratio = float(meta.get("mask_ratio", 0.75))
     if norm_pix is None:
+        if "norm_pix_loss" not in meta:
+            assumed.append("norm_pix off: pixel targets, as MAE's visualisation checkpoints (--norm-pix for models "
+                           "trained with --norm_pix_loss)")
         norm_pix = bool(meta.get("norm_pix_loss", False))
     tree = _config_tree(preset, int(ph), dec, mask_ratio, norm_pix, data)
     state = keymaps.mae_to_mimkit(raw)
@@ -202,6 +229,8 @@ def import_mae_checkpoint(
     source = {"kind": "facebookresearch/mae", "path": str(path), "decoder": "loaded" if has_decoder else "initialised"}
     if dropped:
         source["dropped"] = dropped
+    if assumed:
+        source["assumed"] = list(assumed)
     return _build_and_save(state, tree, data, out_ckpt, source)
 
 
@@ -231,9 +260,9 @@ def import_hf(
         raise CheckpointError(f"{folder} has neither {WEIGHTS_NAME} nor pytorch_model.bin (sharded folders are not supported)")
     dim, depth = int(conf.get("hidden_size", 768)), int(conf.get("num_hidden_layers", 12))
     preset = _encoder_preset(dim, depth, None, str(folder))
-    heads = int(conf.get("num_attention_heads", 12))
-    if heads != VIT_PRESETS[preset].num_heads:
-        raise CheckpointError(f"{folder}: {heads} attention heads, but mimkit's {preset} uses {VIT_PRESETS[preset].num_heads}")
+    heads, name = int(conf.get("num_attention_heads", 12)), preset["encoder"]
+    if heads != VIT_PRESETS[name].num_heads:
+        raise CheckpointError(f"{folder}: {heads} attention heads, but mimkit's {name} uses {VIT_PRESETS[name].num_heads}")
     if int(conf.get("intermediate_size", 4 * dim)) != 4 * dim:
         raise CheckpointError(f"{folder}: intermediate_size {conf['intermediate_size']} is not 4 x hidden_size {dim}")
     if conf.get("hidden_act", "gelu") != "gelu":
