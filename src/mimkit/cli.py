@@ -60,7 +60,9 @@ def _cmd_pretrain(args) -> int:
         if has_labels(cfg.data):
             knn = knn_evaluation(method, cfg, data.mean, data.std)
             summary.update(knn)
-            print(f"kNN top-1 on the {cfg.data.source} test split (k={knn['knn_k']}, T={knn['knn_temperature']}, "
+            from mimkit.data.build import dataset_name
+
+            print(f"kNN top-1 on the {dataset_name(cfg.data)} test split (k={knn['knn_k']}, T={knn['knn_temperature']}, "
                   f"{knn['bank_size']} bank / {knn['queries']} queries): {100 * knn['knn_top1']:.2f}%")
         else:
             print(f"kNN skipped: data.source={cfg.data.source!r} has no labels "
@@ -170,7 +172,9 @@ def _cmd_eval(args) -> int:
 
     with progress_bars(args.protocol if cfg.trainer.progress else None):  # trainer.progress=false: no bars
         res = run_protocol(args.protocol, loaded.encoder, train, test, ecfg, device=device)
-    res = {**res, "encoder": args.checkpoint, "data": cfg.data.source}
+    from mimkit.data.build import dataset_name
+
+    res = {**res, "encoder": args.checkpoint, "data": cfg.data.source, "dataset": dataset_name(cfg.data)}
     if args.protocol == "knn":  # the keys `mimkit eval` wrote before protocols existed
         d = res["details"]
         res.update(knn_top1=res["value"], knn_k=d["k"], knn_temperature=d["temperature"], pool=d["pool"],

@@ -30,11 +30,14 @@ DepthFraction = Annotated[float, Field(gt=0.0, le=1.0)]  # a layer as a share of
 
 
 class DataConfig(Section):
-    source: Literal["fashion_mnist", "folder", "imagefolder", "torchvision", "shards", "hf"] = "fashion_mnist"
-    path: str | None = Field(None, description="folder root (folder, imagefolder), download root (torchvision), "
+    source: Literal["fashion_mnist", "idx", "folder", "imagefolder", "torchvision", "shards", "hf"] = "fashion_mnist"
+    path: str | None = Field(None, description="folder root (folder, imagefolder), the folder of IDX files (idx: "
+                             "MNIST, KMNIST, EMNIST, ...), download root (torchvision), "
                              "the folder of WebDataset-style .tar shards written by `mimkit data shard` (shards), "
                              "or (hf) a folder written by datasets' save_to_disk, or of data files (parquet, images)")
-    name: str | None = Field(None, description="torchvision dataset class name, e.g. CIFAR10; for source=hf a "
+    name: str | None = Field(None, description="torchvision dataset class name, e.g. CIFAR10; for source=idx the "
+                             "dataset's name, which also picks its files when the folder holds several (EMNIST); "
+                             "for source=hf a "
                              "Hugging Face dataset (e.g. cifar10) or a packaged builder over data.path (parquet, "
                              "imagefolder)")
     hf_config: str | None = Field(None, description="hf: the dataset's configuration (subset) name")
@@ -96,7 +99,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _source_args(self) -> "DataConfig":
-        if self.source in ("folder", "imagefolder", "shards") and not self.path:
+        if self.source in ("folder", "imagefolder", "shards", "idx") and not self.path:
             raise ValueError(f"data.path is required for source={self.source!r}")
         if self.source == "hf" and not (self.name or self.path):
             raise ValueError("source='hf' needs data.name (a Hugging Face dataset, or a builder such as parquet) "

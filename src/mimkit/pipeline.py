@@ -23,7 +23,7 @@ def has_labels(data: DataConfig) -> bool:
         from mimkit.data.shards import ShardSource
 
         return bool(data.path) and ShardSource(data.path).labelled
-    return data.source in ("fashion_mnist", "imagefolder", "torchvision")
+    return data.source in ("fashion_mnist", "idx", "imagefolder", "torchvision")
 
 
 def knn_evaluation(method, cfg: PretrainConfig, mean, std, *, device: str | torch.device = "cpu") -> dict:

@@ -1,4 +1,4 @@
-"""Data layer: sources (Fashion-MNIST, image folders, torchvision), seeded transforms, splits, stats, reports.
+"""Data layer: sources (Fashion-MNIST and other IDX datasets, image folders, torchvision), seeded transforms, splits, stats, reports.
 
 Public API (relied on by the engine, evaluation and CLI):
 

@@ -31,7 +31,7 @@ from mimkit.config import DataConfig
 from mimkit.data.dataset import MIMDataset
 from mimkit.data.errors import DataError, DataReport
 from mimkit.data.shards import ShardSource
-from mimkit.data.sources import FashionMNISTSource, TorchvisionSource, scan_folder, scan_imagefolder
+from mimkit.data.sources import FashionMNISTSource, IDXSource, TorchvisionSource, scan_folder, scan_imagefolder
 from mimkit.data.transforms import EvalTransform, TrainTransform
 
 SPLIT_STREAM = 0x5B117
@@ -66,6 +66,25 @@ class PretrainData:
         return {"img_size": list(self.img_size), "channels": self.channels, "mean": self.mean, "std": self.std}
 
 
+def dataset_name(cfg: DataConfig) -> str:
+    """The dataset's own name for run names and outputs: fashionmnist, an IDX dataset's (mnist, kmnist,
+    emnist-digits: data.name, else its files' prefix, else its folder), a torchvision class, a folder's name."""
+    if cfg.source == "idx" and cfg.path:
+        if cfg.name:
+            return cfg.name.lower()
+        try:
+            return IDXSource("train", cfg.path, None, None).name.lower()
+        except DataError:
+            return Path(cfg.path).name or "idx"
+    if cfg.source == "torchvision" and cfg.name:
+        return cfg.name.lower()
+    if cfg.source in ("folder", "imagefolder", "shards") and cfg.path:
+        return Path(cfg.path).name or cfg.source
+    if cfg.source == "hf":
+        return (cfg.name or Path(cfg.path or "hf").name or "hf").replace("/", "_").lower()
+    return cfg.source.replace("_", "")
+
+
 def img_size_of(cfg: DataConfig) -> tuple[int, int]:
     v = cfg.img_size
     size = (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
@@ -79,6 +98,11 @@ def make_source(cfg: DataConfig, split: str, report: DataReport):
     report.source = cfg.source
     if cfg.source == "fashion_mnist":
         src = FashionMNISTSource(split, cfg.path, cfg.channels)
+        report.scanned += len(src)
+        report.usable += len(src)
+        return src
+    if cfg.source == "idx":
+        src = IDXSource(split, cfg.path, cfg.channels, cfg.name)
         report.scanned += len(src)
         report.usable += len(src)
         return src

@@ -38,7 +38,7 @@ _idx_cache: dict[tuple[str, float], np.ndarray] = {}
 
 
 # ==========================================================================================================
-# Fashion-MNIST (IDX files from Debian's dataset-fashion-mnist)
+# IDX files: Fashion-MNIST (Debian's dataset-fashion-mnist) and any MNIST-like dataset
 
 
 def _find_idx(directory: Path, stem: str) -> Path | None:
@@ -75,31 +75,63 @@ def read_idx(path: str | Path) -> np.ndarray:
     return arr
 
 
-class FashionMNISTSource:
-    """The official train (60k) or test (10k) split, decoded once into a uint8 tensor [N, 28, 28]."""
+class IDXSource:
+    """An MNIST-like dataset in IDX files (MNIST, Fashion-MNIST, KMNIST, EMNIST, ...): a folder holding an image
+    file (``*idx3-ubyte``, optionally ``.gz``) and a label file (``*idx1-ubyte``) per split, "train" for the
+    training split and "t10k" or "test" for the test split, decoded once into a uint8 tensor [N, 1, H, W].
+
+    When the folder holds several datasets (EMNIST's balanced, byclass, digits...), `name` picks the one whose
+    file names contain it; ``self.name`` (the dataset's own name, used in run names and outputs) is `name`,
+    else the files' common prefix (``emnist-digits``), else the folder's name. EMNIST stores its images
+    transposed; they are read as stored.
+    """
 
     labelled = True
     channels = 1
+    _SPLIT_WORDS = {"train": ("train",), "test": ("t10k", "test")}
 
-    def __init__(self, split: str = "train", path: str | None = None, channels: int | None = None):
+    def __init__(self, split: str = "train", path: str | None = None, channels: int | None = None,
+                 name: str | None = None):
         if channels is not None:
             self.channels = int(channels)  # 1 -> N replicates the grey channel
-        if split not in _FMNIST_FILES:
-            raise DataError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
-        directory = Path(path or FASHION_MNIST_DIR)
-        img_stem, lbl_stem = _FMNIST_FILES[split]
-        hint = ("install it with `sudo apt-get install dataset-fashion-mnist`, or set data.path to a directory "
-                f"holding {img_stem}.gz and {lbl_stem}.gz")
+        if split not in self._SPLIT_WORDS:
+            raise DataError(f"IDX split must be 'train' or 'test', got {split!r}")
+        if not path:
+            raise DataError("data.path must be the folder holding the IDX files for data.source='idx'")
+        directory = Path(path)
         if not directory.is_dir():
-            raise DataError(f"Fashion-MNIST not found: directory {directory} does not exist; {hint}")
-        img_file, lbl_file = _find_idx(directory, img_stem), _find_idx(directory, lbl_stem)
-        if img_file is None or lbl_file is None:
-            missing = img_stem if img_file is None else lbl_stem
-            raise DataError(f"Fashion-MNIST not found: {directory} has no {missing}(.gz); {hint}")
+            raise DataError(f"data.path {directory} (IDX files) is not a directory")
+        img_file, lbl_file = self._find(directory, split, name)
+        self._read(directory, img_file, lbl_file, split)
+        stem = _common_stem(img_file.name, lbl_file.name)
+        self.name = name or stem or directory.resolve().name
+
+    def _find(self, directory: Path, split: str, name: str | None) -> tuple[Path, Path]:
+        def files(kind: str) -> list[Path]:
+            found = [f for f in sorted(directory.iterdir()) if f.is_file() and _idx_kind(f.name) == kind
+                     and any(w in f.name.lower() for w in self._SPLIT_WORDS[split])
+                     and (name is None or name.lower() in f.name.lower())]
+            return found
+
+        images, labels = files("idx3"), files("idx1")
+        which = f" matching data.name={name!r}" if name else ""
+        if not images or not labels:
+            missing = "image (*idx3-ubyte)" if not images else "label (*idx1-ubyte)"
+            raise DataError(f"{directory} has no {split} {missing} file{which} (IDX names say 'train' or "
+                            "'t10k'/'test', e.g. train-images-idx3-ubyte.gz)")
+        if len(images) > 1 or len(labels) > 1:
+            listed = ", ".join(f.name for f in images + labels)
+            raise DataError(f"{directory} holds several {split} IDX files{which} ({listed}); set data.name to a "
+                            "part of the file names that picks one dataset (e.g. data.name=emnist-digits)")
+        return images[0], labels[0]
+
+    def _read(self, directory: Path, img_file: Path, lbl_file: Path, split: str) -> None:
         images, labels = read_idx(img_file), read_idx(lbl_file)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(f"unexpected Fashion-MNIST shapes in {directory}: images {images.shape}, "
-                            f"labels {labels.shape}")
+            raise DataError(f"unexpected IDX shapes in {directory}: images {images.shape} ({img_file.name}), "
+                            f"labels {labels.shape} ({lbl_file.name})")
+        if images.dtype != np.uint8:
+            raise DataError(f"{img_file}: IDX images of type {images.dtype}; only unsigned bytes are supported")
         self.split, self.directory, self.path = split, str(directory), str(img_file)
         # [N, 1, H, W] uint8 view of the decoded buffer (read-only numpy memory -> copy once into torch)
         self.images = torch.from_numpy(np.array(images, dtype=np.uint8)).unsqueeze(1)
@@ -118,7 +150,45 @@ class FashionMNISTSource:
         return f"{self.path}[{i}]"
 
     def __repr__(self) -> str:
-        return f"FashionMNISTSource({self.split!r}, n={len(self)})"
+        return f"{type(self).__name__}({self.name!r}, {self.split!r}, n={len(self)})"
+
+
+def _idx_kind(filename: str) -> str | None:
+    low = filename.lower()
+    for kind in ("idx3", "idx1"):
+        if f"{kind}-ubyte" in low or f"{kind}.ubyte" in low:
+            return kind
+    return None
+
+
+def _common_stem(a: str, b: str) -> str:
+    """What two IDX file names share before their split word: 'emnist-digits' for EMNIST, '' for MNIST's."""
+    low = a.lower()
+    cut = min((low.find(w) for w in ("train", "t10k", "test") if w in low), default=0)
+    stem = a[:cut].rstrip("-_.")
+    return stem if b.lower().startswith(stem.lower()) else ""
+
+
+class FashionMNISTSource(IDXSource):
+    """The official Fashion-MNIST train (60k) or test (10k) split (Debian's dataset-fashion-mnist by default)."""
+
+    def __init__(self, split: str = "train", path: str | None = None, channels: int | None = None):
+        if channels is not None:
+            self.channels = int(channels)
+        if split not in _FMNIST_FILES:
+            raise DataError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+        directory = Path(path or FASHION_MNIST_DIR)
+        img_stem, lbl_stem = _FMNIST_FILES[split]
+        hint = ("install it with `sudo apt-get install dataset-fashion-mnist`, or set data.path to a directory "
+                f"holding {img_stem}.gz and {lbl_stem}.gz")
+        if not directory.is_dir():
+            raise DataError(f"Fashion-MNIST not found: directory {directory} does not exist; {hint}")
+        img_file, lbl_file = _find_idx(directory, img_stem), _find_idx(directory, lbl_stem)
+        if img_file is None or lbl_file is None:
+            missing = img_stem if img_file is None else lbl_stem
+            raise DataError(f"Fashion-MNIST not found: {directory} has no {missing}(.gz); {hint}")
+        self._read(directory, img_file, lbl_file, split)
+        self.name = "fashion_mnist"
 
 
 # ==========================================================================================================
