@@ -109,3 +109,40 @@ def test_patch_size_that_does_not_tile_the_image_is_a_config_error(capsys):
     err_text = capsys.readouterr().err
     assert "model.patch_size=5 does not divide data.img_size=(28, 32)" in err_text and "[2, 4]" in err_text
     assert "Traceback" not in err_text and len(err_text.splitlines()) == 2 and "field 'model'" in err_text
+
+
+def test_trainer_devices_takes_gpu_indices_and_fabric_gets_them(monkeypatch):
+    import lightning.fabric
+
+    from mimkit.engine.trainer import make_fabric
+
+    cfg = load_config(overrides=["trainer.devices=[1]", "trainer.accelerator=cuda"])
+    assert cfg.trainer.devices == [1]
+    assert load_config(overrides=["trainer.devices=[0, 2]"]).trainer.devices == [0, 2]
+    assert load_config(overrides=["trainer.devices=2"]).trainer.devices == 2
+    for bad, words in (("[0, 0]", "distinct"), ("[-1]", "distinct"), ("[]", "no device"), ("0", ">= 1")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(overrides=[f"trainer.devices={bad}"])
+    with pytest.raises(ConfigError, match="lists GPU indices"):
+        load_config(overrides=["trainer.devices=[0]", "trainer.accelerator=cpu"])
+    seen = {}
+
+    class Recorder:  # stands in for Fabric: what make_fabric hands to it
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(lightning.fabric, "Fabric", Recorder)
+    make_fabric(cfg.trainer)
+    assert seen["devices"] == [1] and seen["accelerator"] == "cuda"
+
+
+def test_trainer_devices_list_selects_that_gpu():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from mimkit.engine.trainer import make_fabric
+
+    last = torch.cuda.device_count() - 1
+    fabric = make_fabric(load_config(overrides=[f"trainer.devices=[{last}]", "trainer.accelerator=cuda"]).trainer)
+    assert fabric.device == torch.device("cuda", last) and fabric.world_size == 1

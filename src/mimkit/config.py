@@ -207,7 +207,9 @@ class OptimConfig(Section):
 
 class TrainerConfig(Section):
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    devices: int | Literal["auto"] = 1
+    devices: int | list[int] | Literal["auto"] = Field(
+        1, description="how many devices (a count), or which GPUs (a list of indices, e.g. [1] or [0, 2]; "
+        "CUDA only), or auto; passed to Lightning Fabric")
     num_nodes: int = Field(1, ge=1)
     strategy: Literal["auto", "ddp", "fsdp", "ddp_spawn"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
@@ -230,6 +232,25 @@ class TrainerConfig(Section):
     nan_retries: int = Field(0, ge=0, description="on a NaN/inf loss, roll back to the last good checkpoint, lower "
                              "the lr and continue, at most this many times (0: stop with an error)")
     nan_lr_factor: float = Field(0.5, gt=0.0, lt=1.0, description="lr multiplier applied at each NaN rollback")
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_ok(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"a device count must be >= 1, got {v}")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list of GPU indices selects no device")
+            if any(i < 0 for i in v) or len(set(v)) != len(v):
+                raise ValueError(f"GPU indices must be distinct and >= 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _device_list_needs_gpus(self) -> "TrainerConfig":
+        if isinstance(self.devices, list) and self.accelerator in ("cpu", "mps"):
+            raise ValueError(f"trainer.devices={self.devices} lists GPU indices, which trainer.accelerator="
+                             f"{self.accelerator!r} cannot use; give a count (e.g. trainer.devices=1)")
+        return self
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -170,3 +170,22 @@ def test_report_draws_the_online_probe_curve(tmp_path):
     html = build_report(run).read_text()
     assert html.count("data:image/svg+xml") == 3  # loss, lr and the online probe
     assert "online probe on fixed held-out images" in html
+
+
+def test_probe_table_lists_the_same_knn_once(tmp_path):
+    from mimkit.viz.report import probe_rows
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"knn_top1": 0.6868, "knn_k": 20, "knn_temperature": 0.07,
+                                                  "pool": "cls", "bank_size": 10000, "queries": 10000}))
+    same = {"protocol": "knn", "metric": "top1", "value": 0.6868, "seconds": 50.0,
+            "details": {"k": 20, "temperature": 0.07, "pool": "cls", "layers": None, "bank_size": 10000,
+                        "queries": 10000}}
+    (run / "eval" / "knn.json").write_text(json.dumps(same))
+    rows = probe_rows(run)
+    assert len(rows) == 1 and rows[0]["metric"] == "top1" and rows[0]["source"] == "results.json, eval/knn.json"
+    other = {**same, "value": 0.7, "details": {**same["details"], "k": 10}}
+    (run / "eval" / "knn.json").write_text(json.dumps(other))
+    rows = probe_rows(run)
+    assert [(r["metric"], r["details"]["k"]) for r in rows] == [("top1", 20), ("top1", 10)]

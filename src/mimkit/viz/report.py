@@ -190,14 +190,19 @@ def _results(run_dir: Path) -> dict:
 
 
 def probe_rows(run_dir: Path) -> list[dict]:
-    """Rows of the probe table: results.json's kNN figures, then every eval/*.json (sorted by name)."""
+    """Rows of the probe table: results.json's kNN figures, then every eval/*.json (sorted by name).
+
+    The kNN that pretraining ran is the same protocol as `mimkit eval --protocol knn`: it is named the same
+    way (knn / top1, k, temperature, ...), and listed once when eval/knn.json holds the same evaluation."""
     rows = []
     r = _results(run_dir)
     if r:
         if "knn_top1" in r:
+            names = {"knn_k": "k", "knn_temperature": "temperature", "pool": "pool", "bank_size": "bank_size",
+                     "queries": "queries"}
             rows.append({
-                "source": "results.json", "protocol": "knn", "metric": "knn_top1", "value": r["knn_top1"],
-                "details": {k: r[k] for k in ("knn_k", "knn_temperature", "pool", "bank_size", "queries") if k in r},
+                "source": "results.json", "protocol": "knn", "metric": "top1", "value": r["knn_top1"],
+                "details": {new: r[old] for old, new in names.items() if old in r},
                 "seconds": r.get("seconds"),
             })
     eval_dir = run_dir / "eval"
@@ -211,10 +216,25 @@ def probe_rows(run_dir: Path) -> list[dict]:
         items = r if isinstance(r, list) else [r]
         for it in items:
             if isinstance(it, dict):
-                rows.append({"source": f"eval/{p.name}", "protocol": it.get("protocol", p.stem),
-                             "metric": it.get("metric", ""), "value": it.get("value", ""),
-                             "details": it.get("details"), "seconds": it.get("seconds")})
+                row = {"source": f"eval/{p.name}", "protocol": it.get("protocol", p.stem),
+                       "metric": it.get("metric", ""), "value": it.get("value", ""),
+                       "details": it.get("details"), "seconds": it.get("seconds")}
+                same = next((x for x in rows if _same_evaluation(x, row)), None)
+                if same is not None:
+                    same["source"] += f", {row['source']}"
+                else:
+                    rows.append(row)
     return rows
+
+
+def _same_evaluation(a: dict, b: dict) -> bool:
+    """Two rows of one evaluation: same protocol, metric and value, and the settings both record agree."""
+    if (a["protocol"], a["metric"], a["value"]) != (b["protocol"], b["metric"], b["value"]):
+        return False
+    da, db = a.get("details") or {}, b.get("details") or {}
+    if not isinstance(da, dict) or not isinstance(db, dict):
+        return da == db
+    return all(da[k] == db[k] for k in set(da) & set(db))
 
 
 def _probe_section(run_dir: Path) -> str:
