@@ -146,3 +146,22 @@ def test_trainer_devices_list_selects_that_gpu():
     last = torch.cuda.device_count() - 1
     fabric = make_fabric(load_config(overrides=[f"trainer.devices=[{last}]", "trainer.accelerator=cuda"]).trainer)
     assert fabric.device == torch.device("cuda", last) and fabric.world_size == 1
+
+
+def test_print_config_keeps_field_descriptions_as_comments_and_loads_back(tmp_path, capsys):
+    from mimkit.cli import main
+    from mimkit.config import DataConfig, OptimConfig
+
+    overrides = ["method=ibot", "optim.lr=3e-05", "data.img_size=[32, 48]", "trainer.devices=[0, 1]",
+                 "data.crop_ratio=[0.5, 2.0]"]
+    assert main(["pretrain", "--print-config", *overrides]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    for line, description in (("  val_fraction: 0.05", DataConfig.model_fields["val_fraction"].description),
+                              ("  batch_size: 256", OptimConfig.model_fields["batch_size"].description)):
+        assert lines[lines.index(line) - 1] == "  # " + description
+    assert sum(x.lstrip().startswith("# ") for x in lines) > 50
+    (tmp_path / "printed.yaml").write_text(text)
+    again = load_config(tmp_path / "printed.yaml")
+    assert again == load_config(overrides=overrides)
+    assert to_yaml(again) == to_yaml(load_config(overrides=overrides))

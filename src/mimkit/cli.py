@@ -33,7 +33,7 @@ def _cmd_pretrain(args) -> int:
     else:
         cfg = load_config(args.config, args.overrides, base=base)
     if args.print_config:
-        print(to_yaml(cfg), end="")
+        print(to_yaml(cfg, comments=True), end="")
         return 0
     method = _init_method(cfg, init, args.init) if init else None
     result = train(cfg, resume=args.resume, method=method,
@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
         """What every training verb takes: a recipe, resume, print-config, key=value overrides."""
         p.add_argument("--config", help=f"YAML recipe ({recipe})")
         p.add_argument("--resume", help="checkpoint or run folder to continue, or 'auto' (last.ckpt of this run)")
-        p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+        p.add_argument("--print-config", action="store_true", help="print the resolved configuration, with each "
+                       "field's description as a comment, and exit")
         p.add_argument("--allow-config-change", action="store_true",
                        help="with --resume: apply overrides that change what is trained (method, model, data, optim)")
         p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")

@@ -511,5 +511,33 @@ def apply_overrides(cfg: BaseModel, overrides, sections: tuple[str, ...] = ("dat
     return build_config(type(cfg), tree)
 
 
-def to_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def to_yaml(cfg: BaseModel, comments: bool = False) -> str:
+    """The configuration as YAML; `comments`: each field's description as a comment line above it (what
+    `--print-config` shows). Either form loads back to the same configuration."""
+    if not comments:
+        return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return "\n".join(_commented_lines(cfg, cfg.model_dump(mode="json"), 0)) + "\n"
+
+
+def _yaml_value(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), sort_keys=False)
+    return text.removesuffix("\n...\n").strip()
+
+
+def _commented_lines(model: BaseModel, dumped: dict, depth: int) -> list[str]:
+    import textwrap
+
+    pad, lines = "  " * depth, []
+    for name, field in type(model).model_fields.items():
+        if name not in dumped:
+            continue
+        if field.description:
+            lines += textwrap.wrap(field.description, 108 - len(pad), initial_indent=pad + "# ",
+                                   subsequent_indent=pad + "# ")
+        value, child = dumped[name], getattr(model, name, None)
+        if isinstance(child, BaseModel) and isinstance(value, dict):
+            lines.append(f"{pad}{name}:")
+            lines += _commented_lines(child, value, depth + 1)
+        else:
+            lines.append(f"{pad}{name}: {_yaml_value(value)}")
+    return lines
