@@ -180,6 +180,9 @@ def _cmd_eval(args) -> int:
         res.update(knn_top1=res["value"], knn_k=d["k"], knn_temperature=d["temperature"], pool=d["pool"],
                    bank_size=d["bank_size"], queries=d["queries"])
     print(summary_line(res))
+    details = res.get("details") if isinstance(res.get("details"), dict) else {}
+    for warning in details.get("warnings") or []:  # e.g. a probe whose budget was too short to train it
+        print(f"warning: {warning}", file=sys.stderr)
     if run_dir is not None:
         (run_dir / "eval").mkdir(exist_ok=True)
         write_json(run_dir / "eval" / f"{args.protocol}.json", res)

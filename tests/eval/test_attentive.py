@@ -38,3 +38,24 @@ def test_attentive_probes_on_digits_tokens_beat_chance_and_ignore_test_labels(di
     r2 = attentive_probe(ttr, ytr, tte, shuffled, kinds=("efficient_probe",), epochs=6, lr=1e-2,
                          num_queries=8, batch_size=64)
     assert r2["rows"][0]["val_acc"] == rows["efficient_probe"]["val_acc"]
+
+
+def test_too_short_a_budget_is_warned_about(digits, tiny_vit):
+    from mimkit.eval.budget import still_learning
+
+    # the rule on hand-made curves: 2 steps per epoch, last epoch mean 1.0 vs 2.0 before: a 50% drop
+    warning = still_learning([2.2, 1.8, 1.1, 0.9], 2, "probe X", "eval.x_epochs")
+    assert warning.startswith("probe X: the training loss still fell 50% over its last epoch (2.000 -> 1.000)")
+    assert warning.endswith("raise eval.x_epochs")
+    assert still_learning([1.0, 0.99, 0.98, 0.97], 2, "p", "s") is None  # 2% per epoch: trained out
+    assert "half of its only epoch" in still_learning([3.0, 2.0, 1.0, 1.0], 4, "p", "s")
+    assert still_learning([1.0], 4, "p", "s") is None  # too few steps to tell
+    # a real probe: one epoch of a fresh pooler is still learning; the message names the field to raise
+    train, test = digits
+    enc = tiny_vit()
+    ttr, ytr = extract_tokens(enc, train)
+    tte, yte = extract_tokens(enc, test)
+    short = attentive_probe(ttr, ytr, tte, yte, kinds=("efficient_probe",), epochs=1, lr=1e-2, num_queries=8,
+                            batch_size=16)
+    assert len(short["warnings"]) == 1 and "eval.attentive_epochs" in short["warnings"][0]
+    assert "efficient_probe (1 epoch(s))" in short["warnings"][0]

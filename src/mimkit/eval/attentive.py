@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mimkit.eval.budget import still_learning
 from mimkit.eval.linear import carve_val, shuffled_batches
 
 
@@ -84,7 +85,9 @@ def _accuracy(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, batc
 
 
 def train_probe(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, epochs: int = 10, lr: float = 1e-3,
-                weight_decay: float = 0.05, batch_size: int = 256, seed: int = 0) -> nn.Module:
+                weight_decay: float = 0.05, batch_size: int = 256, seed: int = 0,
+                losses: list[float] | None = None) -> nn.Module:
+    """Train `model` on the cached tokens (AdamW, warmup + cosine); `losses` receives each step's loss."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(tokens.shape[0] / batch_size)
@@ -98,6 +101,8 @@ def train_probe(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, ep
         loss.backward()
         opt.step()
         sched.step()
+        if losses is not None:
+            losses.append(float(loss.detach()))
     return model.eval()
 
 
@@ -108,7 +113,8 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, test_toke
                     num_classes: int | None = None) -> dict:
     """Train each pooler on patch tokens ([N, 1 + T, D] given; the class token is dropped unless `use_cls`).
 
-    Returns {"rows": [{"probe", "test_acc", "val_acc", "trainable_params", "seconds"}...], ...}.
+    Returns {"rows": [{"probe", "test_acc", "val_acc", "trainable_params", "seconds"}...], "warnings": [...],
+    ...}; a warning per probe whose loss was still falling steeply when its epochs ran out (eval.budget).
     """
     c = num_classes or int(max(int(train_y.max()), int(test_y.max()))) + 1
     sl = slice(0, None) if use_cls else slice(1, None)
@@ -116,7 +122,7 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, test_toke
     train_y, test_y = train_y.long(), test_y.long()
     tr, va = carve_val(train_y, val_fraction, seed)
     dim = train_tokens.shape[-1]
-    rows = []
+    rows, warnings = [], []
     for kind in kinds:
         torch.manual_seed(seed)
         if kind == "cross_attention":
@@ -126,10 +132,15 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, test_toke
         else:
             raise ValueError(f"unknown attentive probe {kind!r}; choose cross_attention or efficient_probe")
         start = time.perf_counter()
-        train_probe(model, train_tokens[tr], train_y[tr], epochs, lr, weight_decay, batch_size, seed)
+        losses: list[float] = []
+        train_probe(model, train_tokens[tr], train_y[tr], epochs, lr, weight_decay, batch_size, seed, losses)
         seconds = time.perf_counter() - start
         rows.append({"probe": kind, "test_acc": _accuracy(model, test_tokens, test_y),
                      "val_acc": _accuracy(model, train_tokens[va], train_y[va]),
                      "trainable_params": trainable_parameters(model), "seconds": seconds})
-    return {"rows": rows, "epochs": epochs, "lr": lr, "batch_size": batch_size, "train_size": int(tr.numel()),
+        warning = still_learning(losses, math.ceil(int(tr.numel()) / batch_size), f"attentive probe {kind} "
+                                 f"({epochs} epoch(s))", "eval.attentive_epochs")
+        if warning:
+            warnings.append(warning)
+    return {"rows": rows, "warnings": warnings, "epochs": epochs, "lr": lr, "batch_size": batch_size, "train_size": int(tr.numel()),
             "val_size": int(va.numel()), "test_size": int(test_y.numel()), "tokens": int(train_tokens.shape[1])}
