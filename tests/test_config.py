@@ -165,3 +165,19 @@ def test_print_config_keeps_field_descriptions_as_comments_and_loads_back(tmp_pa
     again = load_config(tmp_path / "printed.yaml")
     assert again == load_config(overrides=overrides)
     assert to_yaml(again) == to_yaml(load_config(overrides=overrides))
+
+
+def test_folder_recipe_starts_small_enough_for_a_laptop_cpu():
+    """configs/mae_folder.yaml: a small image, a small ViT and few tokens (it was ViT-S at 96 x 128)."""
+    from pathlib import Path
+
+    from mimkit.methods import build_method
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "mae_folder.yaml"
+    cfg = load_config(recipe, ["data.path=/tmp"])
+    size = cfg.data.img_size if isinstance(cfg.data.img_size, int) else max(cfg.data.img_size)
+    assert 64 <= size <= 96 and cfg.model.patch_size == 8 and cfg.optim.batch_size <= 64
+    method = build_method(cfg, (size, size), 3)
+    params = sum(p.numel() for p in method.encoder.parameters())
+    assert method.encoder.grid.num_patches <= 144 and params < 2_000_000, (method.encoder.grid.num_patches, params)
+    assert "GPU" in recipe.read_text()  # it says how to scale up
