@@ -44,7 +44,9 @@ def cifar_samples(n: int = 20) -> torch.Tensor:
 
 def small_method(name: str, size, channels: int, *overrides: str, depth: int = 4):
     """A method on a shallow ViT-Tiny with the tiny decoder: seconds per test on a CPU."""
-    cfg = load_config(overrides=[f"method={name}", f"model.depth={depth}", "model.decoder=tiny", *overrides])
+    img = size if isinstance(size, int) else list(size)  # the config's image size, which the patch must tile
+    cfg = load_config(overrides=[f"method={name}", f"model.depth={depth}", "model.decoder=tiny", f"data.img_size={img}",
+                                 *overrides])
     return build_method(cfg, size, channels)
 
 
