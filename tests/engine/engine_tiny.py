@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mimkit.config import PretrainConfig, load_config
+from mimkit.methods import MAE, build_method
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FOOLBOX = Path(__file__).resolve().parents[2] / ".data" / "foolbox" / "foolbox" / "data"
@@ -86,3 +87,39 @@ def tiny_config(out_dir, *overrides: str) -> PretrainConfig:
         "eval.knn=false", "eval.visualize=false",
     ]
     return load_config(None, base + list(overrides))
+
+
+class NonFiniteAt(MAE):
+    """MAE whose training loss is passed through `spoil` (default: times NaN) at chosen optimizer steps;
+    `nan_plan` {0-based step: how many more times} is plain Python state, untouched by a rollback (which
+    reloads only the weights). Build one with `non_finite_method`."""
+
+    nan_plan: dict
+    step_now = -1
+
+    @staticmethod
+    def spoil(loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan")
+
+    def begin_step(self, step, total_steps):
+        super().begin_step(step, total_steps)
+        self.step_now = step
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        if self.training and self.nan_plan.get(self.step_now, 0) > 0:
+            self.nan_plan[self.step_now] -= 1
+            out["loss"] = self.spoil(out["loss"])
+        return out
+
+
+def non_finite_method(cfg: PretrainConfig, nan_plan: dict | None = None, spoil=None):
+    """The tiny MAE the trainer would build for `cfg` (same seed, 16x16 grey images), spoiled per `nan_plan`."""
+    torch.manual_seed(cfg.trainer.seed)  # as the trainer seeds the methods it builds
+    m = build_method(cfg, (16, 16), 1)
+    if nan_plan is not None:
+        m.__class__ = NonFiniteAt
+        m.nan_plan = dict(nan_plan)
+        if spoil is not None:
+            m.spoil = spoil  # an instance attribute: called as a plain function
+    return m

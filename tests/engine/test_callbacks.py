@@ -18,13 +18,6 @@ pytestmark = pytest.mark.skipif(not have_images(), reason="needs Fashion-MNIST o
 COMMON = ["model.depth=1", "optim.max_steps=12", "model.drop_path=0.1", "trainer.checkpoint_every_steps=4"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class EncoderProbe(Callback):
     """Every step: the encoder on a fixed held-out batch in eval mode under no_grad, plus careless draws from

@@ -14,21 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_tiny import have_images, tiny_config, tiny_data
+from engine_tiny import have_images, non_finite_method, tiny_config, tiny_data
 from mimkit.engine import TrainingDiverged, train
 from mimkit.engine import checkpoint as ckpt_io
 from mimkit.engine.metrics import read_metrics
 from mimkit.engine.optim import lr_at, warmup_steps
-from mimkit.methods import MAE, build_method
 
 pytestmark = pytest.mark.skipif(not have_images(), reason="needs Fashion-MNIST or the foolbox sample images")
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; and the kill worker runs with one thread too
-    yield
-    torch.set_num_threads(n)
 
 
 def _state_equal(a: dict, b: dict) -> bool:
@@ -210,25 +202,6 @@ def test_epoch_end_checkpoint_is_written_after_validation(tmp_path, monkeypatch)
 # NaN rollback
 
 
-class _NaNAt(MAE):
-    """MAE whose training loss is NaN at chosen optimizer steps; `nan_plan` {0-based step: how many more times}
-    is plain Python state, untouched by a rollback (which reloads only the weights)."""
-
-    nan_plan: dict
-    step_now = -1
-
-    def begin_step(self, step, total_steps):
-        super().begin_step(step, total_steps)
-        self.step_now = step
-
-    def forward(self, batch):
-        out = super().forward(batch)
-        if self.training and self.nan_plan.get(self.step_now, 0) > 0:
-            self.nan_plan[self.step_now] -= 1
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-
 NAN_COMMON = ["model.depth=1", "optim.max_steps=12", "optim.min_lr=1e-4", "trainer.checkpoint_every_steps=4"]
 
 
@@ -236,13 +209,7 @@ def _cfg(tmp_path, name, *overrides):
     return tiny_config(tmp_path, f"trainer.run_name={name}", *NAN_COMMON, *overrides)
 
 
-def _method(cfg, nan_plan=None):
-    torch.manual_seed(cfg.trainer.seed)  # as the trainer seeds the methods it builds
-    m = build_method(cfg, (16, 16), 1)
-    if nan_plan is not None:
-        m.__class__ = _NaNAt
-        m.nan_plan = dict(nan_plan)
-    return m
+_method = non_finite_method
 
 
 def _schedule(cfg, scale=1.0):

@@ -8,21 +8,13 @@ import re
 import pytest
 import torch
 
-from engine_tiny import have_images, tiny_config, tiny_data
+from engine_tiny import have_images, non_finite_method, tiny_config, tiny_data
 from mimkit.engine import TrainingDiverged, train
 from mimkit.engine import checkpoint as ckpt_io
-from mimkit.methods import MAE, build_method
 
 pytestmark = pytest.mark.skipif(not have_images(), reason="needs Fashion-MNIST or the foolbox sample images")
 COMMON = ["model.depth=1", "optim.max_steps=12", "trainer.checkpoint_every_steps=2"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _nonfinite(ckpt: dict) -> list[str]:
@@ -64,28 +56,8 @@ class _InfGradient(torch.autograd.Function):
         return grad * float("inf")
 
 
-class _InfGradAt(MAE):
-    bad_steps: dict
-    step_now = -1
-
-    def begin_step(self, step, total_steps):
-        super().begin_step(step, total_steps)
-        self.step_now = step
-
-    def forward(self, batch):
-        out = super().forward(batch)
-        if self.training and self.bad_steps.get(self.step_now, 0) > 0:
-            self.bad_steps[self.step_now] -= 1
-            out["loss"] = _InfGradient.apply(out["loss"])
-        return out
-
-
 def _method(cfg, bad_steps):
-    torch.manual_seed(cfg.trainer.seed)
-    m = build_method(cfg, (16, 16), 1)
-    m.__class__ = _InfGradAt
-    m.bad_steps = dict(bad_steps)
-    return m
+    return non_finite_method(cfg, bad_steps, spoil=_InfGradient.apply)
 
 
 @pytest.mark.parametrize("clip", ["1.0", "null"])

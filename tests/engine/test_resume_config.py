@@ -17,13 +17,6 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 COMMON = ["model.depth=1", "optim.max_steps=6"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.skipif(not have_images(), reason="needs real images")
 def test_resume_applies_length_changes_and_refuses_others(tmp_path, capsys):

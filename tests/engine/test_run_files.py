@@ -20,13 +20,6 @@ pytestmark = pytest.mark.skipif(not have_images(), reason="needs real images")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_a_failed_start_leaves_no_empty_run_folder(tmp_path):
     with pytest.raises(ConfigError, match="fewer than one global batch"):

@@ -3,18 +3,14 @@ across a resume, and a probed run bit-for-bit the same as the unprobed one."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from engine_tiny import have_images, tiny_config, tiny_data  # noqa: E402
-from mimkit.engine import train  # noqa: E402
-from mimkit.engine.callbacks.online_probe import OnlineProbe  # noqa: E402
-from mimkit.engine.metrics import read_metrics  # noqa: E402
-from mimkit.eval.online import ProbeSet, probe_encoder  # noqa: E402
+from engine_tiny import have_images, tiny_config, tiny_data
+from mimkit.engine import train
+from mimkit.engine.callbacks.online_probe import OnlineProbe
+from mimkit.engine.metrics import read_metrics
+from mimkit.eval.online import ProbeSet, probe_encoder
 
 pytestmark = pytest.mark.skipif(not have_images(), reason="needs Fashion-MNIST or the foolbox sample images")
 
@@ -43,13 +39,6 @@ def _data():
     d.val = LabelledVal(d.val)
     return d
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_probe_set_is_fixed_by_its_seed_and_split_in_two_halves():
