@@ -32,14 +32,19 @@ from pathlib import Path
 
 import torch
 
-from mimkit.config import load_config
+from mimkit.config import apply_overrides, load_config
 from mimkit.data import build_labelled, build_pretrain_data
+from mimkit.engine import train
+from mimkit.engine.checkpoint import encoder_from_checkpoint
+from mimkit.engine.metrics import read_metrics
 from torch.utils.data import Subset
 
 from mimkit.eval.features import encode_dataset, pool_tokens
 from mimkit.eval.knn import knn_classify
+from mimkit.eval.labels import table_lines
 from mimkit.eval.linear import carve_val, linear_probe
 from mimkit.methods import build_method
+from mimkit.pipeline import baseline_table
 
 RESULTS = Path(__file__).parent / "results" / "small_compute"
 BASE = ["data.source=fashion_mnist", "eval.knn=false", "eval.visualize=false", "trainer.progress=false",
@@ -102,8 +107,6 @@ def score_encoder(encoder, cfg, data) -> dict:
 def run_trial(grid: str, trial: str, seed: int, overrides: list[str], out: Path) -> dict:
     cfg = load_config(None, BASE + overrides + [f"trainer.seed={seed}", f"trainer.out_dir={tempfile.gettempdir()}/mimkit-sc",
                                                f"trainer.run_name={grid}-{trial}-s{seed}"])
-    from mimkit.engine import train
-
     data = build_pretrain_data(cfg.data)
     torch.manual_seed(seed)  # as the trainer does before it builds the method: the same initial weights
     untrained = build_method(cfg, tuple(data.img_size), int(data.channels))
@@ -143,43 +146,26 @@ EVIDENCE_CELLS = ["knn@1", "linear@1", "linear@0.01", "finetune@0.01"]
 
 def run_evidence(recipe: str, run_dir: Path, cells: list[str], overrides: list[str]) -> Path:
     """The label table of one finished run (pretrained / random init / raw pixels), written as JSON."""
-    from mimkit.config import apply_overrides
-    from mimkit.engine.checkpoint import encoder_from_checkpoint
-    from mimkit.eval.baselines import baseline_encoders
-    from mimkit.eval.labels import label_table, table_lines
-
+    out = RESULTS / "evidence" / recipe / f"{run_dir.name}.json"
+    if out.exists():
+        return out
     ckpt_path = run_dir / "checkpoints" / "last.ckpt"
     encoder, cfg, ckpt = encoder_from_checkpoint(ckpt_path)
     progress = ckpt["progress"]
     if progress["global_step"] < progress.get("total_steps", progress["global_step"]):
         raise SystemExit(f"{run_dir}: the run has not finished")
-    out = RESULTS / "evidence" / recipe / f"{run_dir.name}.json"
-    if out.exists():
-        return out
     cfg = apply_overrides(cfg, [f"eval.label_cells={json.dumps(cells)}", *overrides])
-    try:
-        from mimkit.backends import wrap_mimkit
-    except ImportError:  # before the backends layer
-        from mimkit.eval.encoders import wrap_mimkit
-    encoder = wrap_mimkit(encoder, ckpt["data"]).encoder  # the adapter evaluation and random_init expect
-    mean, std = ckpt["data"]["mean"], ckpt["data"]["std"]
-    train = build_labelled(cfg.data, "train", mean, std)
-    test = build_labelled(cfg.data, "test", mean, std)
     start = time.perf_counter()
-    table = label_table(baseline_encoders(encoder, train, seed=cfg.trainer.seed), train, test, cfg.eval)
-    metrics = {}
-    metrics_csv = run_dir / "metrics.csv"
-    if metrics_csv.exists():
-        from mimkit.engine.metrics import read_metrics
-
-        rows = read_metrics(metrics_csv)
-        metrics = {"pretrain_rows": rows}
-    payload = {"recipe": recipe, "run": run_dir.name, "seed": cfg.trainer.seed, "table": table,
-               "config": json.loads(cfg.model_dump_json()), "eval_s": time.perf_counter() - start,
-               "results_json": json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists()
-               else None, **metrics,
-               "machine": {"host": platform.node(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                           "load_avg_end": os.getloadavg()}}
+    table = baseline_table(encoder, cfg, ckpt["data"]["mean"], ckpt["data"]["std"])
+    payload = {
+        "recipe": recipe, "run": run_dir.name, "seed": cfg.trainer.seed, "table": table,
+        "config": json.loads(cfg.model_dump_json()), "eval_s": time.perf_counter() - start,
+        # config.yaml is written as the run starts and last.ckpt as it ends (wall clock, load included)
+        "pretrain_wall_s": ckpt_path.stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime,
+        "pretrain_rows": read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else [],
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "load_avg_end": os.getloadavg()},
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=str))

@@ -72,7 +72,7 @@ def _cmd_pretrain(args) -> int:
         from mimkit.pipeline import baseline_table
 
         print(f"evaluating against random init and raw pixels: {', '.join(cfg.eval.label_cells)} ...", flush=True)
-        table = baseline_table(method, cfg, data.mean, data.std)
+        table = baseline_table(method.encoder, cfg, data.mean, data.std)
         (run_dir / "eval").mkdir(exist_ok=True)
         write_json(run_dir / "eval" / "baselines.json", table)
         summary["baseline_table"] = {row: {c: (None if r is None else r["value"]) for c, r in cells.items()}

@@ -47,25 +47,23 @@ def knn_evaluation(method, cfg: PretrainConfig, mean, std, *, device: str | torc
     }
 
 
-def baseline_table(method, cfg: PretrainConfig, mean, std, *, device: str | torch.device = "cpu") -> dict:
-    """The run's encoder next to the same architecture at random init and raw pixels, on every
-    eval.label_cells cell (mimkit.eval.labels: seeded class-balanced label subsets; each lr chosen on a
-    validation split of the training images; the test split only scores). What `mimkit pretrain` prints at
-    the end when eval.baseline_table is set, and the demo's table."""
+def baseline_table(encoder, cfg: PretrainConfig, mean, std, *, device: str | torch.device = "cpu") -> dict:
+    """A run's encoder (a mimkit ViT, e.g. `method.encoder`) next to the same architecture at random init and
+    raw pixels, on every eval.label_cells cell (mimkit.eval.labels: seeded class-balanced label subsets; each lr
+    chosen on a validation split of the training images; the test split only scores). What `mimkit pretrain`
+    prints at the end when eval.baseline_table is set, and what benchmarks/small_compute.py evidence stores."""
     from mimkit.data import build_labelled
     from mimkit.eval.baselines import baseline_encoders
+    from mimkit.eval.encoders import wrap_mimkit
     from mimkit.eval.labels import label_table
 
     if not has_labels(cfg.data):
         raise ValueError(f"eval.baseline_table needs labelled images, and data.source={cfg.data.source!r} has none")
     data = _with_stats(cfg.data, mean, std)
     train, test = build_labelled(data, "train", mean, std), build_labelled(data, "test", mean, std)
-    from mimkit.eval.encoders import wrap_mimkit
-
     meta = {"channels": len(mean), "img_size": cfg.data.img_size, "mean": list(mean), "std": list(std)}
-    encoder = wrap_mimkit(method.encoder, meta).encoder  # the adapter evaluation and random_init expect
-    encoders = baseline_encoders(encoder, train, seed=cfg.trainer.seed)
-    return label_table(encoders, train, test, cfg.eval, device)
+    wrapped = wrap_mimkit(encoder, meta).encoder  # the adapter evaluation and random_init expect
+    return label_table(baseline_encoders(wrapped, train, seed=cfg.trainer.seed), train, test, cfg.eval, device)
 
 
 def reconstruction_batch(cfg: PretrainConfig, mean, std, num_images: int, seed: int = 0,
