@@ -185,7 +185,7 @@ def test_tiny_end_to_end(bench, tmp_path):
     assert 0.0 <= mae["attn_nmi"] <= 1.0 and mae["attn_distance"] > 0  # the last block's attention, read
     assert "FileNotFoundError" in res["rows"]["no_such_method"]["error"]
     md = out.read_text()
-    assert "Smoke run" in md and "| mae | " in md and "| no_such_method |" in md
+    assert "Smoke run" in md and "| mae (mean pool) | " in md and "| no_such_method |" in md
     assert (tmp_path / "figures" / "methods_loss.svg").is_file()
     assert not any((tmp_path / "runs").iterdir())   # finished runs are removed unless --keep-runs
 
@@ -200,12 +200,13 @@ def test_tiny_end_to_end(bench, tmp_path):
         "--out", str(out), "--json", str(js2), "--merge", str(js), "--work-dir", str(tmp_path / "runs"),
     ])
     merged = json.loads(js2.read_text())
-    assert merged["order"] == ["mae", "no_such_method", "mae[mask_ratio=0.5]", "random init"]
+    assert merged["order"] == ["mae", "no_such_method", "mae[mask_ratio=0.5]", "random init",
+                               "random init (mean pool)"]  # the demo recipe probes the patch mean
     assert merged["rows"]["mae"]["knn"] == mae["knn"]
     assert merged["rows"]["random init"] == res["rows"]["random init"]
     variant = merged["rows"]["mae[mask_ratio=0.5]"]
     assert variant.get("error") is None and variant["overrides"] == ["method.mask_ratio=0.5"]
-    assert len(merged["setup"]["commands"]) == 2 and "| mae[mask_ratio=0.5] |" in out.read_text()
+    assert len(merged["setup"]["commands"]) == 2 and "| mae[mask_ratio=0.5] (mean pool) |" in out.read_text()
     with pytest.raises(SystemExit, match="budget_s"):
         bench.main(["--methods", "mae", "--budget-s", "2", "--threads", "1", "--batch-size", "16",
                     "--eval-train", "120", "--eval-test", "60", "--attentive-train", "60",

@@ -10,22 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_tiny import have_images, tiny_config, tiny_data
+from engine_tiny import have_images, reordering_floor, tiny_config, tiny_data, worst_weight_gap
 from mimkit.engine import train
 
 pytestmark = pytest.mark.skipif(not have_images(), reason="needs Fashion-MNIST or the foolbox sample images")
 
 HERE = Path(__file__).resolve().parent
-
-
-def _comparable(t: torch.Tensor, name: str) -> torch.Tensor:
-    """Drop the key third of qkv biases: their exact gradient is zero (softmax ignores a shift shared by all
-    keys), so AdamW turns ~1e-10 rounding noise into lr-sized steps of random sign, in any two runs that sum
-    in a different order. Every other weight must agree to 1e-5."""
-    if name.endswith("attn.qkv.bias"):
-        n = t.shape[0] // 3
-        return torch.cat([t[:n], t[2 * n:]])
-    return t
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
@@ -58,9 +48,10 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert [h["lr"] for h in ddp["history"]] == [h["lr"] for h in single.history]
     norms = [[h["grad_norm"] for h in r] for r in (single.history, ddp["history"])]
     torch.testing.assert_close(torch.tensor(norms[1]), torch.tensor(norms[0]), rtol=1e-4, atol=0)
-    ref = single.method.state_dict()
-    worst = max((_comparable(ddp["state"][k], k) - _comparable(ref[k], k)).abs().max().item() for k in ref)
-    assert worst < 1e-5, worst
+    # the weights: as close as one process gets to itself when only the order of its gradient sums changes
+    floor = reordering_floor(tmp_path, single, *steps)
+    worst = worst_weight_gap(ddp["state"], single.method.state_dict())
+    assert floor < 1e-3 and worst <= max(1e-5, 2 * floor), (worst, floor)
     assert abs(ddp["metrics"]["val_loss"] - single.metrics["val_loss"]) < 1e-5
 
 
@@ -75,7 +66,5 @@ def test_ddp_spawn_matches_one_process(tmp_path):
     a = torch.tensor([[h["loss"], h["grad_norm"]] for h in single.history])
     b = torch.tensor([[h["loss"], h["grad_norm"]] for h in spawned.history])
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    ref = single.method.state_dict()
-    worst = max((_comparable(spawned.method.state_dict()[k], k) - _comparable(ref[k], k)).abs().max().item()
-                for k in ref)
-    assert worst < 1e-5, worst
+    worst = worst_weight_gap(spawned.method.state_dict(), single.method.state_dict())
+    assert worst <= max(1e-5, 2 * reordering_floor(tmp_path, single, *steps)), worst

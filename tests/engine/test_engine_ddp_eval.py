@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ddp_eval_worker import N_BANK, QUERY_LIMIT, eval_encoder, eval_sets
-from engine_tiny import have_images, tiny_config, tiny_data
+from engine_tiny import have_images, tiny_config, tiny_data, worst_weight_gap
 from mimkit.engine import train
 from mimkit.eval import extract_features, extract_layer_features, knn_classify
 
@@ -38,20 +38,6 @@ class one_thread:
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.n)
-
-
-def _comparable(t: torch.Tensor, name: str) -> torch.Tensor:
-    """Without the key third of qkv biases: its exact gradient is zero, so AdamW turns rounding noise into
-    lr-sized steps of random sign in any two runs that sum in a different order (see test_engine_ddp)."""
-    if name.endswith("attn.qkv.bias"):
-        n = t.shape[0] // 3
-        return torch.cat([t[:n], t[2 * n:]])
-    return t
-
-
-def _worst(state: dict, ref: dict) -> float:
-    assert state.keys() == ref.keys()
-    return max((_comparable(state[k], k) - _comparable(ref[k], k)).abs().max().item() for k in ref)
 
 
 def test_sharded_feature_extraction_matches_one_process(tmp_path):
@@ -114,7 +100,7 @@ def test_checkpoint_from_two_processes_resumes_exactly_under_two_and_one(tmp_pat
     assert [h["lr"] for h in one.history] == [h["lr"] for h in single.history][6:]
 
     want = single.method.state_dict()
-    assert _worst(ddp["state"], want) < 1e-5
-    assert _worst(one.method.state_dict(), want) < 1e-5
+    assert worst_weight_gap(ddp["state"], want) < 1e-5
+    assert worst_weight_gap(one.method.state_dict(), want) < 1e-5
     assert abs(ddp["metrics"]["val_loss"] - single.metrics["val_loss"]) < 1e-5
     assert abs(one.metrics["val_loss"] - single.metrics["val_loss"]) < 1e-5

@@ -81,7 +81,8 @@ def test_thirty_steps_on_real_images_lower_the_loss():
 
 
 def test_presets_build_for_any_channels_and_non_square():
-    cfg = load_config(overrides=["model.encoder=vit_small", "model.patch_size=8", "model.decoder=tiny"])
+    cfg = load_config(overrides=["model.encoder=vit_small", "model.patch_size=8", "model.decoder=tiny",
+                                "data.img_size=32"])
     mae = build_method(cfg, (32, 48), 13)
     assert isinstance(mae, MAE) and mae.grid.num_patches == 24 and mae.grid.patch_dim == 8 * 8 * 13
     out = mae({"image": torch.randn(2, 13, 32, 48), "seed": torch.arange(2)})
