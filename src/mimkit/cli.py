@@ -60,9 +60,24 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_tokenizer_fit(args) -> int:
-    from mimkit.methods.vqkd import fit_tokenizer
+    """`mimkit tokenizer fit [--config YAML] [--resume R] key=value...`: `mimkit pretrain` with method=vqkd, then
+    the codebook usage (mimkit.tokenizer_fit)."""
+    import os
+    import time
 
-    return fit_tokenizer(args)
+    import torch.distributed as dist
+
+    from mimkit.tokenizer_fit import record_codebook_usage, vqkd_overrides
+
+    args.overrides = vqkd_overrides(args.config, list(args.overrides))
+    args.init = None
+    started = time.time() - 1.0
+    code = _cmd_pretrain(args)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+    if code or args.print_config or rank != 0:
+        return code
+    record_codebook_usage(args.config, args.overrides, args.resume, started)
+    return 0
 
 
 def _init_method(cfg, init: dict, source: str):
@@ -103,10 +118,10 @@ def _cmd_eval(args) -> int:
 
     from mimkit.config import PretrainConfig, apply_overrides
     from mimkit.data import build_labelled
+    from mimkit.backends import is_external_spec, load_encoder, norm_for, wrap_mimkit
     from mimkit.data.build import make_source
     from mimkit.data.errors import DataReport
     from mimkit.engine.checkpoint import encoder_from_checkpoint, find_checkpoint, run_dir_of
-    from mimkit.eval.encoders import is_external_spec, load_encoder, norm_for, wrap_mimkit
     from mimkit.eval.protocols import run_protocol, summary_line
     from mimkit.pipeline import has_labels, write_json
 
@@ -174,7 +189,7 @@ def _cmd_visualize(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from mimkit.viz.report import build_report
+    from mimkit.report import build_report
 
     path = build_report(args.run_dir, args.out, num_images=args.num_images, analysis_images=args.analysis_images,
                         overrides=list(args.overrides), device=args.device, model=not args.no_model)

@@ -7,7 +7,6 @@ instead of a silently ignored setting.
 from __future__ import annotations
 
 import copy
-import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -16,9 +15,8 @@ from pydantic import (
     BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator,
 )
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the field, the value and what is allowed."""
+from mimkit.catalog import method_config_class  # noqa: F401 - also `mimkit.config.method_config_class`
+from mimkit.config_errors import ConfigError, format_errors
 
 
 class Section(BaseModel):
@@ -164,16 +162,6 @@ class MethodSection(Section):
             if isinstance(default, BaseModel):
                 out[key] = {**default.model_dump(), **value}
         return out
-
-
-def method_config_class(name: str) -> type[MethodSection]:
-    from mimkit.methods import METHODS, method_class
-
-    if not isinstance(name, str) or name not in METHODS:
-        close = difflib.get_close_matches(str(name), list(METHODS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown method {name!r}{hint}; choose one of {', '.join(METHODS)}")
-    return method_class(name).config_class
 
 
 def _default_method() -> MethodSection:
@@ -325,46 +313,11 @@ def _set(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _allowed_fields(model: type[BaseModel], loc: tuple, tree: dict | None = None) -> list[str]:
-    """Field names accepted at `loc` (the parent of an unknown key), for the error message."""
-    current: Any = model
-    if loc[:1] == ("method",) and model is PretrainConfig:
-        try:
-            current = method_config_class(((tree or {}).get("method") or {}).get("name", "mae"))
-        except ValueError:
-            return []
-        loc = loc[1:]
-    for part in loc:
-        fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
-            return []
-        ann = fields[part].annotation
-        current = ann
-    return list(getattr(current, "model_fields", {}))
-
-
-def _format_errors(err: ValidationError, model: type[BaseModel], tree: dict | None = None) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(str(x) for x in e["loc"])
-        field = ".".join(loc) or "<root>"
-        if e["type"] == "extra_forbidden":
-            allowed = _allowed_fields(model, loc[:-1], tree)
-            close = difflib.get_close_matches(loc[-1], allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            lines.append(f"unknown field '{field}'{hint}; allowed: {', '.join(allowed)}")
-        else:
-            value = e.get("input")
-            shown = "" if isinstance(value, dict) else f" (got {value!r})"
-            lines.append(f"field '{field}': {e['msg']}{shown}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
-
-
 def build_config(model: type[BaseModel], tree: dict) -> BaseModel:
     try:
         return model.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, model, tree if isinstance(tree, dict) else None)) from None
+        raise ConfigError(format_errors(err, model, tree if isinstance(tree, dict) else None)) from None
 
 
 def load_config(

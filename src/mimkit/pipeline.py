@@ -10,20 +10,8 @@ from pathlib import Path
 
 import torch
 
-from mimkit.config import DataConfig, PretrainConfig
-
-
-def _with_stats(data: DataConfig, mean, std) -> DataConfig:
-    """The run's data section with the normalisation it trained with (so nothing is recomputed)."""
-    return data.model_copy(update={"mean": list(mean), "std": list(std)})
-
-
-def has_labels(data: DataConfig) -> bool:
-    if data.source == "shards":  # labelled when the shards hold <key>.cls members
-        from mimkit.data.shards import ShardSource
-
-        return bool(data.path) and ShardSource(data.path).labelled
-    return data.source in ("fashion_mnist", "imagefolder", "torchvision")
+from mimkit.config import PretrainConfig
+from mimkit.data.run_images import has_labels, reconstruction_batch, with_stats  # noqa: F401 - re-exported
 
 
 def knn_evaluation(method, cfg: PretrainConfig, mean, std, *, device: str | torch.device = "cpu") -> dict:
@@ -37,7 +25,7 @@ def knn_evaluation(method, cfg: PretrainConfig, mean, std, *, device: str | torc
             f"kNN needs labelled images, and data.source={cfg.data.source!r} has none; evaluate on a labelled "
             f"source, e.g. data.source=imagefolder data.path=DIR"
         )
-    data = _with_stats(cfg.data, mean, std)
+    data = with_stats(cfg.data, mean, std)
     train, test = build_labelled(data, "train", mean, std), build_labelled(data, "test", mean, std)
     res = run_protocol("knn", method.encoder, train, test, cfg.eval, device)
     d = res["details"]
@@ -45,19 +33,6 @@ def knn_evaluation(method, cfg: PretrainConfig, mean, std, *, device: str | torc
         "knn_top1": res["value"], "knn_k": d["k"], "knn_temperature": d["temperature"], "pool": d["pool"],
         "bank_size": d["bank_size"], "queries": d["queries"], "seconds": res["seconds"],
     }
-
-
-def reconstruction_batch(cfg: PretrainConfig, mean, std, num_images: int, seed: int = 0) -> dict:
-    """A fixed batch of un-augmented images with fixed per-image seeds, for comparable pictures."""
-    from mimkit.data import build_labelled, build_pretrain_data, fixed_batch
-
-    data = _with_stats(cfg.data, mean, std)
-    if has_labels(data):
-        dataset = build_labelled(data, "test", mean, std)
-    else:
-        bundle = build_pretrain_data(data)
-        dataset = bundle.val if len(bundle.val) else bundle.train
-    return fixed_batch(dataset, num_images, seed)
 
 
 def save_reconstructions(method, cfg: PretrainConfig, mean, std, path: str | Path, num_images: int = 8) -> Path | None:

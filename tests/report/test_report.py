@@ -17,7 +17,7 @@ from mimkit.cli import main
 from mimkit.config import load_config
 from mimkit.engine import train
 from mimkit.viz.plots import line_chart_svg
-from mimkit.viz.report import SECTIONS, build_report
+from mimkit.report import SECTIONS, build_report
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
                              shutil.which("google-chrome")) if p), None)
