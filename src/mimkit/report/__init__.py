@@ -20,8 +20,8 @@ from pathlib import Path
 
 from mimkit.report.html import note
 from mimkit.report.model_sections import model_sections
-from mimkit.report.run_sections import (config_section, probe_section, reconstruction_section, summary_section,
-                                         training_section)
+from mimkit.report.run_sections import (config_section, probe_rows, probe_section, reconstruction_section,
+                                         summary_section, training_section)
 
 
 SECTIONS = {
@@ -101,3 +101,6 @@ def build_report(
     if analysis_json and res is not None:
         (out.parent / (out.stem + "_analysis.json")).write_text(json.dumps(res, indent=1) + "\n")
     return out
+
+
+__all__ = ["SECTIONS", "build_report", "probe_rows"]
