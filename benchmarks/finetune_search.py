@@ -50,7 +50,7 @@ def log(msg: str) -> None:
 def load(encoder_path: str):
     from mimkit.data import build_labelled
     from mimkit.engine.checkpoint import encoder_from_checkpoint, find_checkpoint
-    from mimkit.eval.encoders import wrap_mimkit
+    from mimkit.backends.mimkit import wrap_mimkit
 
     encoder, cfg, ckpt = encoder_from_checkpoint(find_checkpoint(encoder_path))
     train = build_labelled(cfg.data, "train", ckpt["data"]["mean"], ckpt["data"]["std"])

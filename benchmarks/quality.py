@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from mimkit.data import build_labelled
     from mimkit.engine.checkpoint import find_checkpoint, method_from_checkpoint
     from mimkit.eval.attentive import attentive_probe
-    from mimkit.eval.encoders import wrap_mimkit
+    from mimkit.backends import wrap_mimkit
     from mimkit.eval.features import extract_tokens
     from mimkit.eval.finetune import finetune, random_init
     from mimkit.eval.knn import knn_accuracy

@@ -10,20 +10,8 @@ from pathlib import Path
 
 import torch
 
-from mimkit.config import DataConfig, PretrainConfig
-
-
-def _with_stats(data: DataConfig, mean, std) -> DataConfig:
-    """The run's data section with the normalisation it trained with (so nothing is recomputed)."""
-    return data.model_copy(update={"mean": list(mean), "std": list(std)})
-
-
-def has_labels(data: DataConfig) -> bool:
-    if data.source == "shards":  # labelled when the shards hold <key>.cls members
-        from mimkit.data.shards import ShardSource
-
-        return bool(data.path) and ShardSource(data.path).labelled
-    return data.source in ("fashion_mnist", "idx", "imagefolder", "torchvision")
+from mimkit.config import PretrainConfig
+from mimkit.data.run_images import has_labels, reconstruction_batch, with_stats  # noqa: F401 - re-exported
 
 
 def knn_evaluation(method, cfg: PretrainConfig, mean, std, *, device: str | torch.device = "cpu") -> dict:
@@ -37,7 +25,7 @@ def knn_evaluation(method, cfg: PretrainConfig, mean, std, *, device: str | torc
             f"kNN needs labelled images, and data.source={cfg.data.source!r} has none; evaluate on a labelled "
             f"source, e.g. data.source=imagefolder data.path=DIR"
         )
-    data = _with_stats(cfg.data, mean, std)
+    data = with_stats(cfg.data, mean, std)
     train, test = build_labelled(data, "train", mean, std), build_labelled(data, "test", mean, std)
     res = run_protocol("knn", method.encoder, train, test, cfg.eval, device)
     d = res["details"]
@@ -54,46 +42,16 @@ def baseline_table(encoder, cfg: PretrainConfig, mean, std, *, device: str | tor
     prints at the end when eval.baseline_table is set, and what benchmarks/small_compute.py evidence stores."""
     from mimkit.data import build_labelled
     from mimkit.eval.baselines import baseline_encoders
-    from mimkit.eval.encoders import wrap_mimkit
+    from mimkit.backends.mimkit import wrap_mimkit
     from mimkit.eval.labels import label_table
 
     if not has_labels(cfg.data):
         raise ValueError(f"eval.baseline_table needs labelled images, and data.source={cfg.data.source!r} has none")
-    data = _with_stats(cfg.data, mean, std)
+    data = with_stats(cfg.data, mean, std)
     train, test = build_labelled(data, "train", mean, std), build_labelled(data, "test", mean, std)
     meta = {"channels": len(mean), "img_size": cfg.data.img_size, "mean": list(mean), "std": list(std)}
     wrapped = wrap_mimkit(encoder, meta).encoder  # the adapter evaluation and random_init expect
     return label_table(baseline_encoders(wrapped, train, seed=cfg.trainer.seed), train, test, cfg.eval, device)
-
-
-def reconstruction_batch(cfg: PretrainConfig, mean, std, num_images: int, seed: int = 0,
-                         notes: list[str] | None = None) -> dict:
-    """A fixed batch of un-augmented images with fixed per-image seeds, for comparable pictures.
-
-    Labelled sources draw from the test split; others from the held-out (val) split, topped up from the
-    training images (without augmentation) when it holds fewer than `num_images`. When fewer images
-    exist than asked for, or the training split had to be used, a line saying so is appended to `notes`.
-    """
-    from mimkit.data import MIMDataset, build_labelled, build_pretrain_data, fixed_batch
-
-    data = _with_stats(cfg.data, mean, std)
-    if has_labels(data):
-        dataset = build_labelled(data, "test", mean, std)
-        where = "test split"
-    else:
-        bundle = build_pretrain_data(data)
-        n_val = len(bundle.val)
-        indices = bundle.val.indices
-        if n_val < num_images:  # the held-out images first, then training images, all with the eval transform
-            indices = torch.cat([indices, bundle.train.indices[: num_images - n_val]])
-            if notes is not None and len(indices) > n_val:
-                notes.append(f"the held-out split has {n_val} image(s); {len(indices) - n_val} more are drawn "
-                             "from the training images (not augmented)")
-        dataset = MIMDataset(bundle.train.source, indices, bundle.val.transform, data.on_error)
-        where = "data"
-    if notes is not None and len(dataset) < num_images:
-        notes.append(f"asked for {num_images} images, drawing {len(dataset)}: that is all the {where} holds")
-    return fixed_batch(dataset, num_images, seed)
 
 
 def save_reconstructions(method, cfg: PretrainConfig, mean, std, path: str | Path, num_images: int = 8,

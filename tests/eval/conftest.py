@@ -48,7 +48,7 @@ def tiny_vit():
 
 
 def _tiny_vit(depth: int = 3, dim: int = 32, seed: int = 0):
-    from mimkit.eval.encoders import MimkitEncoder
+    from mimkit.backends import MimkitEncoder
     from mimkit.models import VisionTransformer
 
     torch.manual_seed(seed)

@@ -1,7 +1,7 @@
 import torch
 
 from mimkit.eval import finetune
-from mimkit.eval.encoders import MimkitEncoder
+from mimkit.backends import MimkitEncoder
 from mimkit.eval.finetune import Classifier, random_init, set_drop_path
 from mimkit.models import VisionTransformer
 

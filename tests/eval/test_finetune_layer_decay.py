@@ -1,4 +1,4 @@
-"""Fine-tuning's layer-wise lr decay assigns every encoder kind `eval.encoders` loads the same way: the patch and
+"""Fine-tuning's layer-wise lr decay assigns every encoder kind `mimkit.backends` loads the same way: the patch and
 position embeddings first, block i at depth i + 1 (found through the model's own block list, not its names), the
 final norm with the last block, the classifier head last; position tables and tokens get no weight decay.
 Tiny random models written to tmp folders, no network."""
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from mimkit.eval.encoders import MimkitEncoder, TimmEncoder, load_encoder
+from mimkit.backends import MimkitEncoder, TimmEncoder, load_encoder
 from mimkit.eval.finetune import Classifier, random_init
 from mimkit.models import VisionTransformer
 

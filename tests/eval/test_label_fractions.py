@@ -94,7 +94,7 @@ def test_the_index_sets_come_from_the_training_labels_alone(digits):
 
 def _patch4_vit():
     """Patch 4 on 8x8 digits (4 tokens): fine-tuning learns within a few dozen steps."""
-    from mimkit.eval.encoders import MimkitEncoder
+    from mimkit.backends import MimkitEncoder
     from mimkit.models import VisionTransformer
 
     torch.manual_seed(0)

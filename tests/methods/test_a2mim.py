@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from method_helpers import cifar_samples, falls, fashion_mnist, small_method, train_losses
 
-from mimkit.losses_frequency import FocalFrequencyLoss, spectrum, spectrum_weight
+from mimkit.losses.frequency import FocalFrequencyLoss, spectrum, spectrum_weight
 from mimkit.methods.a2mim import A2MIM, focal_l1
 
 

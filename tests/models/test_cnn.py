@@ -2,7 +2,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from mimkit.eval.encoders import wrap_mimkit
+from mimkit.backends import wrap_mimkit
 from mimkit.eval.features import extract_features, extract_layer_features
 from mimkit.models.cnn import ResNetEncoder
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from mimkit.config import PretrainConfig
-from mimkit.eval.encoders import wrap_mimkit
+from mimkit.backends import wrap_mimkit
 from mimkit.interop import save_method_checkpoint
 from mimkit.methods import build_method
 from mimkit.models import VisionTransformer
@@ -97,7 +97,7 @@ def test_config_loads_a_mimkit_checkpoint_and_names_bad_fields(tmp_path):
 def test_a_timm_teacher_with_another_patch_size():
     import timm
 
-    from mimkit.eval.encoders import LoadedEncoder, TimmEncoder
+    from mimkit.backends import LoadedEncoder, TimmEncoder
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=0,

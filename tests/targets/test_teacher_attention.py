@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mimkit.eval.analysis import attention_maps
-from mimkit.eval.encoders import wrap_mimkit
+from mimkit.backends import wrap_mimkit
 from mimkit.models import VisionTransformer
 from mimkit.targets.teacher import FrozenTeacher
 
@@ -67,7 +67,7 @@ def test_cls_attention_is_resampled_to_a_finer_student_grid():
 def test_a_timm_teacher_gives_its_attention():
     import timm
 
-    from mimkit.eval.encoders import LoadedEncoder, TimmEncoder
+    from mimkit.backends import LoadedEncoder, TimmEncoder
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, num_classes=0,

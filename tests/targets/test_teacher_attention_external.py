@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.eval.encoders import load_encoder
+from mimkit.backends import load_encoder
 from mimkit.targets.teacher import FrozenTeacher
 
 transformers = pytest.importorskip("transformers")
@@ -200,7 +200,7 @@ def test_teachers_whose_attention_cannot_be_read_fail_by_name(hf_folders):
     Hybrid Distillation (no class token to pair with the student's) is refused when the method is built."""
     import timm
 
-    from mimkit.eval.encoders import LoadedEncoder, TimmEncoder
+    from mimkit.backends import LoadedEncoder, TimmEncoder
     from mimkit.methods.hybrid_distill import HybridDistill
     from mimkit.models import VisionTransformer
 

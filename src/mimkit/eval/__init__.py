@@ -1,6 +1,6 @@
 from mimkit.eval.attentive import CrossAttentionPooler, EfficientProbe, attentive_probe, trainable_parameters
+from mimkit.backends import LoadedEncoder, load_encoder
 from mimkit.eval.baselines import PixelEncoder, baseline_encoders
-from mimkit.eval.encoders import LoadedEncoder, load_encoder
 from mimkit.eval.features import extract_features, extract_layer_features, extract_tokens
 from mimkit.eval.fewshot import few_shot
 from mimkit.eval.finetune import RECIPES, finetune, finetune_sweep

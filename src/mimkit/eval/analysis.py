@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from mimkit.eval.attention import read_attention, timm_attention_reader
+from mimkit.backends.attention import read_attention, timm_attention_reader
 
 # ----------------------------------------------------------------------------------------------------------
 # reading attention and layer features
@@ -66,7 +66,7 @@ def attention_maps(encoder: nn.Module, images: torch.Tensor, layers=None) -> lis
 
     Rows are queries, columns keys; token 0 is the class token. An `attn_mask` that a block receives (for
     example from another pre-hook) is applied as `scaled_dot_product_attention` would. Read with the same
-    pre-hooks as a frozen teacher's attention (eval.attention)."""
+    pre-hooks as a frozen teacher's attention (backends.attention)."""
     blocks = _blocks(encoder)
     idx = _layer_indices(len(blocks), layers)
     readers = [timm_attention_reader(b.attn, type(encoder).__name__) for b in blocks]

@@ -41,7 +41,7 @@ class Classifier(nn.Module):
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer ids for timm's layer decay: embeddings first, one per block, the final norm (and a CLIP
-        projection) with the last block, the classifier last. Names of every encoder kind eval.encoders loads:
+        projection) with the last block, the classifier last. Names of every encoder kind mimkit.backends loads:
         mimkit and timm ViTs (`blocks.i`), transformers ViT (`layers.i`; `encoder.layer.i` before transformers 5),
         DINOv2 (`encoder.layer.i`), CLIP / SigLIP
         (`encoder.layers.i`, under `vision_model.` in a CLIP with projection), open_clip (`visual.transformer.
@@ -76,7 +76,7 @@ def set_drop_path(encoder: nn.Module, rate: float) -> int:
 
 def random_init(encoder: nn.Module) -> nn.Module:
     """A copy of the (wrapped) encoder with the same architecture and freshly initialised weights."""
-    from mimkit.eval.encoders import HFEncoder, MimkitEncoder, OpenClipEncoder, TimmEncoder
+    from mimkit.backends import HFEncoder, MimkitEncoder, OpenClipEncoder, TimmEncoder
     from mimkit.models.vit import VisionTransformer
 
     enc = copy.deepcopy(encoder)

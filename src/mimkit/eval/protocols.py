@@ -1,7 +1,7 @@
 """One entry point per protocol: `run_protocol(name, encoder, train, test, cfg)` -> a JSON-ready result.
 
 Every result is {"protocol", "metric", "value", "details", "seconds"}; `summary_line(result)` is the line the
-CLI prints. `encoder` is any module giving [B, 1 + N, D] tokens (see `mimkit.eval.encoders.load_encoder`);
+CLI prints. `encoder` is any module giving [B, 1 + N, D] tokens (see `mimkit.backends.load_encoder`);
 `train` / `test` are labelled datasets (e.g. `mimkit.data.build_labelled`); `cfg` is an `EvalConfig`.
 """
 

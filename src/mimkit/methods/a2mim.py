@@ -6,7 +6,7 @@ pixel-shuffle head reconstructs the image, and the loss is L1 on hidden pixels p
 Slots: CoarseMasking (SimMIM's 32-px units = 2 cells at small scale) -> mean-colour fill of the input ->
 ViT (VisionTransformer, token added at the patch embedding or before block k) or CNN (ResNetEncoder, token
 added to the map entering stage k) -> PixelShuffleHead -> spatial L1 / focal L1 on hidden pixels +
-FocalFrequencyLoss (mimkit.losses_frequency) on the prediction with its visible pixels replaced.
+FocalFrequencyLoss (mimkit.losses.frequency) on the prediction with its visible pixels replaced.
 
 Defaults follow the reference (openmixup configs/selfsup/_base_/models/a2mim/{vit_small,r50}.py); knobs left at
 None take the reference value of the encoder kind (ViT / CNN).
@@ -21,7 +21,7 @@ import torch.nn as nn
 from pydantic import Field
 
 from mimkit.config import MethodSection, ModelConfig
-from mimkit.losses_frequency import FocalFrequencyLoss, spectrum
+from mimkit.losses.frequency import FocalFrequencyLoss, spectrum
 from mimkit.masking import CoarseMasking, Mask
 from mimkit.methods.base import Method, Reconstruction
 from mimkit.models import PixelShuffleHead

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
 
 from mimkit.config import MethodSection
+from mimkit.models.ema import EMATeacher, Student
 
 
 @dataclass
@@ -85,3 +86,29 @@ class Method(nn.Module):
     def reconstruct(self, batch: dict) -> Reconstruction | None:
         """Pixel reconstructions for the picture; None where the method predicts no pixels."""
         return None
+
+
+class EMATeacherMixin:
+    """For a Method whose `teacher` is an EMATeacher (models.ema) of its `student()` parts, stepped after every
+    optimizer step: `init_teacher(schedule)` copies the student (call it once the student's modules exist) and
+    `end_step` moves the teacher with momentum `momentum(progress)` = `schedule(progress)` (an EMASchedule, or
+    any function of the training progress in [0, 1]). `student()` defaults to the encoder alone.
+
+    Put it before the Method base: `class IBOT(EMATeacherMixin, Method)`."""
+
+    teacher: EMATeacher
+
+    def init_teacher(self, schedule: Callable[[float], float]) -> None:
+        self.ema_schedule = schedule
+        self.teacher = EMATeacher(self.student())
+
+    def student(self) -> Student:
+        """The parts the teacher follows (registered in the method, not again in the teacher's copy)."""
+        return self.encoder
+
+    def momentum(self, progress: float) -> float:
+        return self.ema_schedule(progress)
+
+    def end_step(self, step: int, total_steps: int) -> None:
+        super().end_step(step, total_steps)
+        self.teacher.update(self.student(), self.momentum(step / max(1, total_steps)))

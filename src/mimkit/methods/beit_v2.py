@@ -11,8 +11,9 @@ after pretraining (they are not part of `encoder`).
 
 `method.tokenizer` names a vqkd run folder or checkpoint (`mimkit tokenizer fit` writes one). Its encoder, code
 projection and codebook are loaded frozen (methods.vqkd.load_tokenizer: the teacher that trained it is not
-needed) and kept out of the state_dict and the optimizer (like targets.teacher.FrozenTeacher): a BEiT v2
-checkpoint holds the student only and rebuilds the tokenizer from that path when loaded.
+needed) and kept out of the state_dict and the optimizer (models.frozen.HoldsFrozen, as for
+targets.teacher.FrozenTeacher): a BEiT v2 checkpoint holds the student only and rebuilds the tokenizer from that
+path when loaded.
 
 Deviations: mimkit's ViT has no layer-scale and no shared relative position bias (absolute sin-cos instead);
 the tokenizer sees the student's crop at the student's resolution (BEiT v2 feeds it a second 224-px copy).
@@ -33,6 +34,7 @@ from mimkit.masking.block import BlockMasking
 from mimkit.methods.base import Method
 from mimkit.models import VisionTransformer
 from mimkit.models.aggregation_head import PatchAggregationHead, early_layer_index
+from mimkit.models.frozen import HoldsFrozen
 from mimkit.targets.teacher import data_stats, renormalisation
 
 
@@ -48,7 +50,7 @@ class BEiTv2Config(MethodSection):
     head_layers: int = Field(2, ge=0, description="blocks of the aggregation branch; 0 removes it (ablation)")
 
 
-class BEiTv2(Method):
+class BEiTv2(HoldsFrozen, Method):
     config_class = BEiTv2Config
 
     def __init__(self, encoder: VisionTransformer, tokenizer, data_mean, data_std, cfg: BEiTv2Config):
@@ -58,8 +60,7 @@ class BEiTv2(Method):
         if tuple(tokenizer.grid.shape) != tuple(self.grid.shape):
             raise ValueError(f"method.tokenizer={cfg.tokenizer!r} codes a {tokenizer.grid.shape} patch grid, the "
                              f"student has {self.grid.shape}: train the tokenizer with the same grid")
-        # frozen and hidden from the module tree: no parameters for the optimizer, nothing in the state_dict
-        object.__setattr__(self, "_tokenizer", tokenizer.eval().requires_grad_(False))
+        self.hold_frozen("_tokenizer", tokenizer)  # no parameters for the optimizer, nothing in the state_dict
         self.num_codes = int(tokenizer.num_codes)
         if len(tokenizer.data_mean) != len(list(data_mean)):
             raise ValueError(f"method.tokenizer={cfg.tokenizer!r} was trained on {len(tokenizer.data_mean)}-channel "
@@ -92,16 +93,6 @@ class BEiTv2(Method):
     @property
     def tokenizer(self):
         return self._tokenizer
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)  # .to(device) / .half() reach the hidden tokenizer too
-        self._tokenizer._apply(fn, *args, **kwargs)
-        return self
-
-    def train(self, mode: bool = True) -> "BEiTv2":
-        super().train(mode)
-        self._tokenizer.eval()
-        return self
 
     def make_mask(self, batch: dict) -> Mask:
         return self.masking(batch["seed"], self.grid.shape)

@@ -31,7 +31,8 @@ from mimkit.data.views import CropScale, ViewSpec, byol_views, views_of
 from mimkit.masking import SwappableMaskSettings
 from mimkit.methods.simmim import SimMIM
 from mimkit.models import VisionTransformer
-from mimkit.models.ema import EMASchedule, EMATeacher, schedule_field
+from mimkit.methods.base import EMATeacherMixin
+from mimkit.models.ema import EMASchedule, schedule_field
 from mimkit.models.moco_head import MoCoMLP, batch_statistics, info_nce, positive_is_nearest
 
 NUM_VIEWS = 2
@@ -55,7 +56,7 @@ class CLMIMConfig(SwappableMaskSettings):
                                 "0.67-1). At 28 px a 0.08 crop is 2x2 patches, too little to reconstruct from")
 
 
-class CLMIM(SimMIM):
+class CLMIM(EMATeacherMixin, SimMIM):
     """SimMIM (mask token, pixel head, make_mask, predict, reconstruct: inherited) plus a MoCo v3 branch."""
 
     config_class = CLMIMConfig
@@ -66,7 +67,7 @@ class CLMIM(SimMIM):
         self.cfg = cfg
         self.projector = MoCoMLP(encoder.embed_dim, cfg.mlp_dim, cfg.out_dim, cfg.proj_depth)
         self.predictor = MoCoMLP(cfg.out_dim, cfg.mlp_dim, cfg.out_dim, cfg.pred_depth)
-        self.teacher = EMATeacher(self.student())  # MoCo v3's momentum encoder: backbone + projector
+        self.init_teacher(cfg.teacher)  # MoCo v3's momentum encoder: backbone + projector
 
     @classmethod
     def from_config(cls, method: CLMIMConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "CLMIM":
@@ -79,12 +80,6 @@ class CLMIM(SimMIM):
     def student(self) -> dict[str, nn.Module]:
         """The parts the momentum encoder follows (registered in the method, not again here)."""
         return {"encoder": self.encoder, "projector": self.projector}
-
-    def momentum(self, progress: float) -> float:
-        return self.cfg.teacher(progress)
-
-    def end_step(self, step: int, total_steps: int) -> None:
-        self.teacher.update(self.student(), self.momentum(step / max(1, total_steps)))
 
     # ---- contrastive branch ----------------------------------------------------------------------------------
     def projections(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -11,6 +11,7 @@ the LossPredictor branch -> PixelTarget -> masked MSE + pairwise ranking BCE on 
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 from typing import Literal
 
@@ -24,9 +25,9 @@ from mimkit import rng
 from mimkit.config import MethodSection, ModelConfig
 from mimkit.losses import masked_mse
 from mimkit.masking import Mask, mask_from_noise
-from mimkit.methods.base import Method, Reconstruction
+from mimkit.methods.base import EMATeacherMixin, Method, Reconstruction
 from mimkit.models import MAEDecoder, VisionTransformer
-from mimkit.models.ema import EMATeacher, ramp_momentum
+from mimkit.models.ema import ramp_momentum
 from mimkit.models.vit import init_mae_weights
 from mimkit.targets import PixelTarget
 
@@ -116,7 +117,7 @@ def ranking_accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return correct.sum() / (pos | neg).sum().clamp_min(1)
 
 
-class HPM(Method):
+class HPM(EMATeacherMixin, Method):
     config_class = HPMConfig
 
     def __init__(self, encoder: VisionTransformer, decoder: MAEDecoder, mask_ratio: float = 0.75,
@@ -134,9 +135,8 @@ class HPM(Method):
             raise ValueError(f"mask ratio {mask_ratio} leaves no visible patch out of {num_patches}")
         self.target = PixelTarget(self.grid, norm=norm_pix)
         self.hard_max, self.pred_loss, self.pred_weight = hard_max, pred_loss, pred_weight
-        self.ema = (ema_momentum, ema_momentum_end, ema_ramp)
         # the EMA copy of the whole network (timm.ModelEma in the reference), made after initialisation
-        self.teacher = EMATeacher(self.student())
+        self.init_teacher(functools.partial(ramp_momentum, start=ema_momentum, end=ema_momentum_end, ramp=ema_ramp))
 
     @classmethod
     def from_config(cls, method: HPMConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "HPM":
@@ -153,12 +153,6 @@ class HPM(Method):
     def alpha(self) -> float:
         """Share of the mask taken from the highest predicted losses; grows linearly with training progress."""
         return self.hard_max * min(max(self.progress, 0.0), 1.0)
-
-    def momentum(self, progress: float) -> float:
-        return ramp_momentum(progress, *self.ema)
-
-    def end_step(self, step: int, total_steps: int) -> None:
-        self.teacher.update(self.student(), self.momentum(step / max(1, total_steps)))
 
     @torch.no_grad()
     def teacher_scores(self, images: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ from pydantic import Field
 
 from mimkit.collapse import mean_entropy, mean_pairwise_cosine
 from mimkit.config import DepthFraction, MethodSection, ModelConfig
-from mimkit.eval.attention import timm_attention_logits
+from mimkit.backends.attention import timm_attention_logits
 from mimkit.masking import Mask
 from mimkit.methods.base import Method
 from mimkit.models import VisionTransformer

@@ -27,10 +27,10 @@ from mimkit.collapse import batch_entropy, mean_entropy
 from mimkit.config import MethodSection, ModelConfig
 from mimkit.data.views import ViewSpec, byol_views, views_of
 from mimkit.masking import BlockMasking, Mask
-from mimkit.methods.base import Method
+from mimkit.methods.base import EMATeacherMixin, Method
 from mimkit.models import VisionTransformer
 from mimkit.models.dino_head import DINOHead
-from mimkit.models.ema import EMASchedule, EMATeacher, schedule_field
+from mimkit.models.ema import EMASchedule, schedule_field
 
 RATIO_STREAM = 0x1B07  # per-image ratio draws; view v uses RATIO_STREAM + 2 * v (+1: the within-range draw)
 SHAPE_STREAM = 0x1B17  # block / random mask draws; view v uses SHAPE_STREAM + v
@@ -85,7 +85,7 @@ def teacher_temperature(progress: float, start: float, end: float, warmup: float
     return start + (end - start) * min(max(progress, 0.0) / warmup, 1.0)
 
 
-class IBOT(Method):
+class IBOT(EMATeacherMixin, Method):
     config_class = IBOTConfig
     mask_reads_teacher = False  # iBOT's block/random masks ignore the teacher's scores
 
@@ -97,7 +97,7 @@ class IBOT(Method):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))  # iBOT's masked_embed: zeros
         self.head = DINOHead(encoder.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers,
                              cfg.norm_last_layer)
-        self.teacher = EMATeacher(self.student())
+        self.init_teacher(cfg.teacher)
         self.register_buffer("center_cls", torch.zeros(1, cfg.out_dim))
         self.register_buffer("center_patch", torch.zeros(1, cfg.out_dim))
 
@@ -113,9 +113,6 @@ class IBOT(Method):
         return {"encoder": self.encoder, "head": self.head}
 
     # ---- schedules -------------------------------------------------------------------------------------------
-    def momentum(self, progress: float) -> float:
-        return self.cfg.teacher(progress)
-
     def teacher_temp(self, progress: float) -> float:
         c = self.cfg
         return teacher_temperature(progress, c.teacher_temp_start, c.teacher_temp, c.teacher_temp_warmup)
@@ -123,9 +120,6 @@ class IBOT(Method):
     def begin_step(self, step: int, total_steps: int) -> None:
         super().begin_step(step, total_steps)
         self.head.last_layer.frozen = self.progress < self.cfg.freeze_last_layer
-
-    def end_step(self, step: int, total_steps: int) -> None:
-        self.teacher.update(self.student(), self.momentum(step / max(1, total_steps)))
 
     # ---- masks -----------------------------------------------------------------------------------------------
     def mask_ratios(self, seeds: torch.Tensor, view: int = 0) -> torch.Tensor:

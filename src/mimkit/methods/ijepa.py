@@ -28,9 +28,9 @@ from mimkit.collapse import mean_pairwise_cosine
 from mimkit.config import MethodSection, ModelConfig
 from mimkit.masking import Mask
 from mimkit.masking.multiblock import MultiBlockMask, MultiBlockMasking
-from mimkit.methods.base import Method
+from mimkit.methods.base import EMATeacherMixin, Method
 from mimkit.models import DECODER_PRESETS, VisionTransformer
-from mimkit.models.ema import EMASchedule, EMATeacher, schedule_field
+from mimkit.models.ema import EMASchedule, schedule_field
 from mimkit.models.predictor import JEPAPredictor, MaskTokenQueries, position_rms
 
 Range = tuple[float, float]
@@ -71,7 +71,7 @@ def predictor_size(model: ModelConfig) -> tuple[int, int, int]:
     return model.decoder_dim or spec.dim, model.decoder_depth or spec.depth, model.decoder_heads or spec.num_heads
 
 
-class IJEPA(Method):
+class IJEPA(EMATeacherMixin, Method):
     config_class = IJEPAConfig
 
     def __init__(self, encoder: VisionTransformer, predictor: JEPAPredictor, masking: MultiBlockMasking,
@@ -84,8 +84,7 @@ class IJEPA(Method):
         if loss not in ("smooth_l1", "mse"):
             raise ValueError(f"unknown loss {loss!r}; choose smooth_l1 or mse")
         self.loss_kind = loss
-        self.schedule = teacher or EMASchedule(kind="linear", start=0.996, end=1.0)
-        self.teacher = EMATeacher(self.encoder)
+        self.init_teacher(teacher or EMASchedule(kind="linear", start=0.996, end=1.0))
         self.size_key: int | None = None  # the optimizer step, set by begin_step: keys the batch's block sizes
 
     @classmethod
@@ -102,12 +101,6 @@ class IJEPA(Method):
         masking = MultiBlockMasking(method.num_targets, method.target_scale, method.target_aspect,
                                     method.context_scale, min_keep=method.min_keep)
         return cls(encoder, predictor, masking, method.loss, method.teacher)
-
-    def momentum(self, progress: float) -> float:
-        return self.schedule(progress)
-
-    def end_step(self, step: int, total_steps: int) -> None:
-        self.teacher.update(self.encoder, self.momentum(step / max(1, total_steps)))
 
     def begin_step(self, step: int, total_steps: int) -> None:
         super().begin_step(step, total_steps)

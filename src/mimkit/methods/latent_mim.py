@@ -35,14 +35,14 @@ from pydantic import Field
 from mimkit import rng
 from mimkit.collapse import mean_pairwise_cosine
 from mimkit.config import MethodSection, ModelConfig
-from mimkit.losses_latent import (normalized_l2, patch_infonce, patch_retrieval_accuracy, similarity_regulariser,
+from mimkit.losses.latent import (normalized_l2, patch_infonce, patch_retrieval_accuracy, similarity_regulariser,
                                   similarity_target, within_image_cosine)
 from mimkit.masking import Mask
-from mimkit.methods.base import Method
+from mimkit.methods.base import EMATeacherMixin, Method
 from mimkit.models import VisionTransformer
 from mimkit.models.cross_decoder import CrossDecoder
 from mimkit.models.decoder import DECODER_PRESETS
-from mimkit.models.ema import EMASchedule, EMATeacher, schedule_field
+from mimkit.models.ema import EMASchedule, schedule_field
 from mimkit.models.patch import to_2tuple
 from mimkit.models.vit import init_mae_weights
 
@@ -128,7 +128,7 @@ def visible_count(fraction: float, num_patches: int) -> int:
     return min(max(1, round(fraction * num_patches)), num_patches - 2)
 
 
-class LatentMIM(Method):
+class LatentMIM(EMATeacherMixin, Method):
     config_class = LatentMIMConfig
 
     def __init__(self, encoder: VisionTransformer, cfg: LatentMIMConfig, decoder_dim: int = 128,
@@ -147,7 +147,7 @@ class LatentMIM(Method):
                                     num_heads=decoder_heads, cross_self_attn=True, memory_norm=True)
         with torch.no_grad():
             self.decoder.mask_token.zero_()  # the reference starts the mask token at zero
-        self.teacher = EMATeacher(self.student())
+        self.init_teacher(cfg.teacher)
 
     @classmethod
     def from_config(cls, method: LatentMIMConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "LatentMIM":
@@ -159,9 +159,6 @@ class LatentMIM(Method):
     def student(self) -> dict[str, nn.Module]:
         """What the target encoder is an EMA of: the online encoder and its projector."""
         return {"encoder": self.encoder, "projector": self.projector}
-
-    def end_step(self, step: int, total_steps: int) -> None:
-        self.teacher.update(self.student(), self.cfg.teacher(step / max(1, total_steps)))
 
     def split(self, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(visible ids Long[B, V], target ids Long[B, N - V]) from a seeded random permutation per image."""

@@ -30,10 +30,10 @@ from mimkit.config import MethodSection, ModelConfig
 from mimkit.data.views import CropScale, ViewSpec, views_of
 from mimkit.losses import masked_mse
 from mimkit.masking import Mask, mask_from_noise
-from mimkit.methods.base import Method, Reconstruction
+from mimkit.methods.base import EMATeacherMixin, Method, Reconstruction
 from mimkit.models import MAEDecoder, VisionTransformer
 from mimkit.models.byol_head import MLPHead
-from mimkit.models.ema import EMASchedule, EMATeacher, schedule_field
+from mimkit.models.ema import EMASchedule, schedule_field
 from mimkit.targets import PixelTarget
 
 # MAE's mask stream (RandomMasking uses 1): view 1's mask is exactly the mask MAE draws for the same seeds, so
@@ -119,7 +119,7 @@ def patch_mean(latent: torch.Tensor) -> torch.Tensor:
     return latent[:, 1:, :].mean(dim=1)
 
 
-class LUT(Method):
+class LUT(EMATeacherMixin, Method):
     config_class = LUTConfig
 
     def __init__(self, encoder: VisionTransformer, decoder: MAEDecoder, cfg: LUTConfig | None = None):
@@ -138,7 +138,7 @@ class LUT(Method):
         self.predictor = MLPHead(d, cfg.head_hidden, d, cfg.pred_depth)
         # the teacher copies what produces k (the reference averages the whole model; decoder and predictor of
         # the copy are never used)
-        self.teacher = EMATeacher(self.student())
+        self.init_teacher(cfg.teacher)
 
     @classmethod
     def from_config(cls, method: LUTConfig, model: ModelConfig, img_size, in_chans: int, data=None) -> "LUT":
@@ -159,14 +159,11 @@ class LUT(Method):
         """The parts the EMA teacher follows (registered in the method, not again here)."""
         return {"encoder": self.encoder, "head": self.head}
 
-    def momentum(self, progress: float) -> float:
-        return self.cfg.teacher(progress)
-
     def end_step(self, step: int, total_steps: int) -> None:
         m = self.momentum(step / max(1, total_steps))
         head = self.teacher.module["head"]
         kept = {n: b.clone() for n, b in head.named_buffers() if b.is_floating_point()}
-        self.teacher.update(self.student(), m)
+        super().end_step(step, total_steps)
         # EMATeacher copies buffers; the reference (timm ModelEma over the whole state_dict) averages the BN
         # running statistics like the weights, so the teacher's normalisation stays matched to its lagging weights
         with torch.no_grad():

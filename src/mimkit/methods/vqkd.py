@@ -176,7 +176,7 @@ def load_tokenizer(path: str | Path) -> VQKDTokenizer:
     """The tokenizer of a vqkd run folder or checkpoint, in eval mode, frozen, with its codebook fitted. Only the
     parts that turn images into codes are built and loaded: the run's teacher and decoder were needed to train
     it, not to use it, so the teacher may have moved or be gone."""
-    from mimkit.engine.checkpoint import find_checkpoint, load_state_strict, read_run
+    from mimkit.backends.runs import find_checkpoint, load_state_strict, read_run
 
     ckpt_path = find_checkpoint(path)
     ckpt, cfg, img_size, channels = read_run(ckpt_path)
@@ -209,75 +209,3 @@ def codebook_usage(method: PatchCoding, dataset, batch_size: int = 256, device: 
     q = method.quantizer
     return {"codebook_usage": float(q.usage(counts)), "codebook_perplexity": float(q.perplexity(counts)),
             "codebook_size": method.num_codes, "codebook_images": images}
-
-
-# ---- `mimkit tokenizer fit` ----------------------------------------------------------------------------------------
-
-def _switch_to_vqkd(config: str | None, overrides: list[str]) -> list[str]:
-    """The overrides with `method=vqkd` first unless the recipe or an override already names vqkd."""
-    from mimkit.config import ConfigError, load_config, parse_override
-
-    named = [v for k, v in map(parse_override, overrides) if k == ["method"]]
-    if named:
-        if named[-1] != "vqkd":
-            raise ConfigError(f"`mimkit tokenizer fit` trains method=vqkd, not method={named[-1]}")
-        return overrides
-    if config is not None and load_config(config, []).method.name == "vqkd":
-        return overrides
-    return ["method=vqkd", *overrides]
-
-
-def _run_dir_after(cfg, resume: str | None, started: float) -> Path:
-    """The folder the run just trained into (the engine names it; found the way it names or resumes it)."""
-    from mimkit.config import ConfigError
-    from mimkit.engine.checkpoint import find_checkpoint, run_dir_of
-    from mimkit.engine.trainer import default_run_prefix
-
-    out = Path(cfg.trainer.out_dir)
-    if cfg.trainer.run_name:
-        return out / cfg.trainer.run_name
-    if resume and resume != "auto":
-        return run_dir_of(find_checkpoint(resume))
-    found = [p.parent for p in out.glob(default_run_prefix(cfg) + "*/results.json") if p.stat().st_mtime >= started]
-    if not found:
-        raise ConfigError(f"cannot find the run folder of this tokenizer under {out}: pass trainer.run_name")
-    return max(found, key=lambda p: (p / "results.json").stat().st_mtime)
-
-
-def fit_tokenizer(args) -> int:
-    """`mimkit tokenizer fit [--config YAML] [--resume R] key=value...`: `mimkit pretrain` with method=vqkd, then the
-    codebook usage over the validation split (the training split when there is none), printed and added to the
-    run's results.json."""
-    import json
-    import os
-    import time
-
-    import torch.distributed as dist
-
-    from mimkit.cli import _cmd_pretrain
-    from mimkit.config import load_config
-    from mimkit.data import build_pretrain_data
-    from mimkit.engine.checkpoint import method_from_checkpoint
-    from mimkit.pipeline import write_json
-
-    args.overrides = _switch_to_vqkd(args.config, list(args.overrides))
-    args.init = None
-    started = time.time() - 1.0
-    code = _cmd_pretrain(args)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
-    if code or args.print_config or rank != 0:
-        return code
-    run_dir = _run_dir_after(load_config(args.config, args.overrides), args.resume, started)
-    method, cfg, _ = method_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    data = build_pretrain_data(cfg.data)
-    split, dataset = ("validation", data.val) if data.val is not None and len(data.val) else ("training", data.train)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    usage = codebook_usage(method, dataset, min(cfg.optim.batch_size, 256), device)
-    usage["codebook_split"] = split
-    print(f"codebook usage on the {split} split ({usage['codebook_images']} images): "
-          f"{100 * usage['codebook_usage']:.1f}% of {usage['codebook_size']} codes, "
-          f"perplexity {usage['codebook_perplexity']:.1f}")
-    results = run_dir / "results.json"
-    summary = json.loads(results.read_text()) if results.is_file() else {"run_dir": str(run_dir)}
-    write_json(results, {**summary, **usage})
-    return 0

@@ -1,7 +1,7 @@
 """A frozen teacher as configuration: features of any ViT (a mimkit run, timm, Hugging Face) as prediction targets.
 
 MaskAlign, BEiT v2's VQ-KD, DTM, Hybrid Distillation and the MIM-from-CLIP family read features of a frozen,
-usually bigger, model. `method.teacher.source=<spec>` names it (any spec `mimkit.eval.encoders.load_encoder`
+usually bigger, model. `method.teacher.source=<spec>` names it (any spec `mimkit.backends.load_encoder`
 takes: a mimkit checkpoint or run folder, `timm:<name>` / `timm:local-dir:<folder>`, `hf:<folder or cached hub
 name>`, `open_clip:...`; see docs/teachers.md), with
 `layers` to read and a per-token `norm`. The teacher sees the same images as the student, converted:
@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+
+from mimkit.models.frozen import HoldsFrozen
 
 
 def renormalisation(data_mean, data_std, model_mean, model_std, grey_repeats: bool = False):
@@ -62,14 +64,13 @@ class TeacherConfig(BaseModel):
     cache_max_gb: float = Field(2.0, gt=0, description="stop adding to the cache beyond this size")
 
 
-class FrozenTeacher(nn.Module):
+class FrozenTeacher(HoldsFrozen):
     """features(images) -> one tensor [B, 1 + N, D_t] per layer, on the student's N patches (class token first)."""
 
     def __init__(self, loaded, student_grid: tuple[int, int], data_mean, data_std, layers=(-1,),
                  norm: str = "layernorm", drop_cls: bool = False):
         super().__init__()
-        # kept out of the module tree on purpose: no parameters for the optimizer, nothing in the state_dict
-        object.__setattr__(self, "_encoder", loaded.encoder.eval().requires_grad_(False))
+        self.hold_frozen("_encoder", loaded.encoder)  # no parameters for the optimizer, nothing in the state_dict
         self.img_size = tuple(loaded.img_size)
         self.student_grid = tuple(int(v) for v in student_grid)
         self.layers, self.norm, self.drop_cls = list(layers), norm, drop_cls
@@ -81,7 +82,7 @@ class FrozenTeacher(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: TeacherConfig, student_grid, data_mean, data_std) -> "FrozenTeacher":
-        from mimkit.eval.encoders import load_encoder
+        from mimkit.backends import load_encoder
 
         teacher = cls(load_encoder(cfg.source), student_grid, data_mean, data_std, cfg.layers, cfg.norm, cfg.drop_cls)
         if cfg.cache_dir:
@@ -120,19 +121,8 @@ class FrozenTeacher(nn.Module):
     def encoder(self) -> nn.Module:
         return self._encoder
 
-    def _apply(self, fn, *args, **kwargs):
-        # .to(device) / .half() reach the hidden encoder too
-        super()._apply(fn, *args, **kwargs)
-        self._encoder._apply(fn, *args, **kwargs)
-        return self
-
-    def train(self, mode: bool = True) -> "FrozenTeacher":
-        self.training = mode
-        self._encoder.eval()
-        return self
-
     def teacher_grid(self) -> tuple[int, int]:
-        grid = getattr(self._encoder, "grid_size", None)  # the eval.encoders adapters know their grid
+        grid = getattr(self._encoder, "grid_size", None)  # the backends adapters know their grid
         if grid is not None:
             return int(grid[0]), int(grid[1])
         model = getattr(self._encoder, "model", self._encoder)
@@ -207,7 +197,7 @@ class FrozenTeacher(nn.Module):
         from the end) the softmax probabilities [B, H, T_t, T_t] (float32) over the teacher's OWN tokens (its
         grid, prefix tokens first: class token, then registers), read by the encoder adapter's forward pre-hooks
         on the blocks' attention modules, which recompute softmax(q k^T * scale) from the module's input, so the
-        pass itself keeps its fused kernel (eval.encoders `forward_layers_with_attention`)."""
+        pass itself keeps its fused kernel (backends `forward_layers_with_attention`)."""
         x = images.float() * self.scale + self.shift
         if tuple(x.shape[-2:]) != self.img_size:
             x = F.interpolate(x, size=self.img_size, mode="bicubic", align_corners=False)

@@ -3,7 +3,7 @@
 An `AttentionReader` is, for one block, the module whose input holds the block's queries and keys and a function
 recomputing softmax(q k^T * scale) from that input; `read_attention` puts forward pre-hooks on the chosen
 blocks' modules for one pass. Readers exist for timm's `Attention` (mimkit and timm ViTs), transformers
-ViT/ViTMAE/CLIP/SigLIP/DINOv2 layers and open_clip blocks; `eval.encoders` adapters list them per block,
+ViT/ViTMAE/CLIP/SigLIP/DINOv2 layers and open_clip blocks; `mimkit.backends` adapters list them per block,
 `eval.analysis` reads mimkit ViTs through the same path, and `timm_attention_logits` is the student-side
 (differentiable) version Hybrid Distillation imitates its teacher with.
 """

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mimkit.losses_latent import (normalized_l2, patch_infonce, patch_retrieval_accuracy, similarity_regulariser,
+from mimkit.losses.latent import (normalized_l2, patch_infonce, patch_retrieval_accuracy, similarity_regulariser,
                                   similarity_target, standardize_patches, within_image_cosine)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mimkit.engine.checkpoint import CheckpointError
-from mimkit.eval.encoders import CLIP_MEAN, CLIP_STD, is_external_spec, load_encoder
+from mimkit.backends import CLIP_MEAN, CLIP_STD, is_external_spec, load_encoder
 from mimkit.targets.teacher import FrozenTeacher, TeacherConfig
 
 transformers = pytest.importorskip("transformers")

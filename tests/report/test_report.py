@@ -17,7 +17,7 @@ from mimkit.cli import main
 from mimkit.config import load_config
 from mimkit.engine import train
 from mimkit.viz.plots import line_chart_svg
-from mimkit.viz.report import SECTIONS, build_report
+from mimkit.report import SECTIONS, build_report
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
                              shutil.which("google-chrome")) if p), None)
@@ -173,7 +173,7 @@ def test_report_draws_the_online_probe_curve(tmp_path):
 
 
 def test_probe_table_lists_the_same_knn_once(tmp_path):
-    from mimkit.viz.report import probe_rows
+    from mimkit.report import probe_rows
 
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
