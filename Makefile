@@ -14,7 +14,7 @@ demo: setup fashion-mnist
 # two workers, one thread each: the suite is many small CPU-bound tests (`make test PYTEST_WORKERS=0` runs serially)
 PYTEST_WORKERS ?= 2
 test: setup fashion-mnist test-data
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -n $(PYTEST_WORKERS) --dist worksteal
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra --durations=30 -n $(PYTEST_WORKERS) --dist worksteal
 
 test-all: setup fashion-mnist test-data
 	$(BIN)/python -m pytest -q -ra -m "slow or not slow"
