@@ -9,9 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs/evidence}
-SEEDS=("${@:-0 1 2}")
-# shellcheck disable=SC2068
-for seed in ${SEEDS[@]}; do
+SEEDS=${*:-0 1 2}
+for seed in $SEEDS; do
   json=benchmarks/results/small_compute/evidence/demo/demo-s$seed.json
   [ -f "$json" ] && { echo "seed $seed: $json exists, skipped"; continue; }
   run=$RUNS/demo-s$seed
