@@ -63,3 +63,19 @@ def test_eval_knn_shows_progress(run, photos, capsys):
     captured = capsys.readouterr()
     assert "kNN top-1" in captured.out
     assert "knn: encoding" in captured.err and "img" in captured.err  # a bar for the bank and one for the queries
+
+
+def test_a_batch_larger_than_the_folder_is_fitted_to_it_and_said(photos, tmp_path, capsys):
+    """12 photos, 3 held out: a recipe's batch of 128 becomes 9 (one step per epoch) instead of an error."""
+    import yaml
+
+    overrides = [x for x in TINY if not x.startswith("optim.")] + ["optim.batch_size=128", "optim.max_steps=2"]
+    assert main(["pretrain", *overrides, f"data.path={photos}", f"trainer.out_dir={tmp_path}",
+                 "trainer.run_name=r"]) == 0
+    out = capsys.readouterr()
+    said = out.out + out.err
+    assert "optim.batch_size=128 is more than the 9 training images: using optim.batch_size=9" in said, said
+    assert "of 9 images = 1 device(s) x 9 x 1 accumulation" in said, said
+    stored = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert stored["optim"]["batch_size"] == 9   # what a resume continues with
+    assert (tmp_path / "r" / "checkpoints" / "last.ckpt").is_file()

@@ -69,9 +69,25 @@ def test_limit_after_split_is_deterministic(fashion_mnist_dir):
     a = build_pretrain_data(DataConfig(limit=100, stats_samples=50))
     b = build_pretrain_data(DataConfig(limit=100, stats_samples=50))
     assert len(a.train) == 100 and a.train.source_indices == b.train.source_indices
-    assert len(a.val) == 3_000  # the split does not depend on the limit
+    assert len(a.val) == 100  # the val loss is scored on at most data.limit held-out images
     labels = {a.train[i]["label"] for i in range(100)}
     assert len(labels) >= 8  # a seeded subset, not the first 100 files
+
+
+def test_val_limit_takes_a_subset_of_the_same_held_out_pool(fashion_mnist_dir):
+    full = build_pretrain_data(DataConfig(stats_samples=50))
+    small = build_pretrain_data(DataConfig(limit=100, stats_samples=50, val_limit=40))
+    capped = build_pretrain_data(DataConfig(limit=100, stats_samples=50))
+    pool, train = set(full.val.source_indices), set(small.train.source_indices)
+    assert len(full.val) == 3_000 and len(small.val) == 40 and len(capped.val) == 100
+    # the smaller val sets come out of the one held-out pool (it does not depend on either limit) ...
+    assert set(small.val.source_indices) <= pool and set(capped.val.source_indices) <= pool
+    assert not pool & train
+    # ... as a seeded subset (not the pool's first files), the 40 inside the 100
+    assert set(small.val.source_indices) <= set(capped.val.source_indices)
+    assert max(small.val.source_indices) > 30_000
+    labels = {small.val[i]["label"] for i in range(40)}
+    assert len(labels) >= 8
 
 
 def test_throughput_and_picklable(fmnist):

@@ -1,4 +1,6 @@
+import pytest
 import torch
+from pydantic import ValidationError
 
 from mimkit.data.transforms import TrainTransform
 from mimkit.data.views import MultiViewTransform, ViewSpec, adjust, byol_views, views_of
@@ -46,3 +48,24 @@ def test_batches_carry_views_through_the_loader_and_fallback():
     assert torch.equal(batch["image"], batch["views"][0])
     plain = {"image": torch.zeros(2, 3, 4, 4)}
     assert all(v is plain["image"] for v in views_of(plain, 2))
+
+
+def test_a_view_can_have_its_own_size_and_is_blurred_at_the_training_scale():
+    # DINO/iBOT local crops: smaller than the globals; batches stack each view at its own size
+    from torch.utils.data import default_collate
+
+    img = _img()
+    local = ViewSpec(crop_scale=(0.05, 0.25), size=(48, 48), blur_p=1.0, blur_sigma=(1.0, 2.0))
+    mv = MultiViewTransform((112, 112), [ViewSpec(), local])
+    out = mv(img, 3)
+    assert out["views"][0].shape == (3, 112, 112) and out["views"][1].shape == (3, 48, 48)
+    # the crop is the plain RandomResizedCrop at 48 x 48 with the view's seed; its blur sigma is scaled by the
+    # training side (112 / 224), not by the view's own (48 / 224)
+    s = MultiViewTransform.view_seed(3, 1)
+    crop = TrainTransform((48, 48), (0.05, 0.25))(img, s)
+    assert torch.equal(out["views"][1], adjust(crop, local, rng.generator(s, 0x56494557), blur_side=112))
+    assert not torch.equal(out["views"][1], adjust(crop, local, rng.generator(s, 0x56494557)))
+    batch = default_collate([{**mv(img, k), "seed": k} for k in range(3)])
+    assert [tuple(v.shape) for v in batch["views"]] == [(3, 3, 112, 112), (3, 3, 48, 48)]
+    with pytest.raises(ValidationError, match="size"):
+        ViewSpec(size=(0, 8))

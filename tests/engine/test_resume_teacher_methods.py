@@ -23,14 +23,15 @@ def _cfg(tmp_path, name, method, *extra):
         "eval.visualize=false", *extra])
 
 
-@pytest.mark.parametrize("method", ["ibot", "lut"])
-def test_teacher_method_resumes_bit_for_bit(tmp_path, method):
+@pytest.mark.parametrize("method, extra", [("ibot", []), ("lut", []), ("ibot", ["method.local_crops_number=2"])],
+                         ids=["ibot", "lut", "ibot-local-crops"])
+def test_teacher_method_resumes_bit_for_bit(tmp_path, method, extra):
     if not FMNIST.exists():
         pytest.skip("Debian package dataset-fashion-mnist not installed")
     torch.set_num_threads(1)
-    full = train(_cfg(tmp_path, "full", method))
-    part = train(_cfg(tmp_path, "part", method, "trainer.stop_after_steps=3"))
-    resumed = train(_cfg(tmp_path, "part", method), resume="auto")
+    full = train(_cfg(tmp_path, "full", method, *extra))
+    part = train(_cfg(tmp_path, "part", method, *extra, "trainer.stop_after_steps=3"))
+    resumed = train(_cfg(tmp_path, "part", method, *extra), resume="auto")
     assert [h["loss"] for h in part.history] + [h["loss"] for h in resumed.history] == \
         [h["loss"] for h in full.history]
     a, b = full.method.state_dict(), resumed.method.state_dict()

@@ -9,6 +9,7 @@ from method_helpers import fashion_mnist, small_method, train_metrics
 from mimkit.config import load_config
 from mimkit.interop.io import save_method_checkpoint
 from mimkit.methods import build_method
+from mimkit.models.pos_embed import sincos_2d
 
 DATA = ["data.mean=[0.286]", "data.std=[0.353]"]
 
@@ -51,6 +52,36 @@ def test_targets_are_the_frozen_tokenizers_codes_and_it_is_not_saved(vqkd_checkp
     assert torch.equal(tok.quantizer.codebook, codebook)  # the tokenizer's codebook does not move in stage 2
 
 
+def logits_by_hand(m, images, masked, early_layers):
+    """BEiT v2's two code predictions computed from the parameters, not the method's code path: patches
+    projected by the patch-embedding weights, hidden ones replaced by the mask token, the fixed sin-cos table
+    added, then every encoder block; main = LM head(final norm(last block)); aggregation = the branch's blocks
+    on [class token after the last block ; patches after block `early_layers`], then the same norm and head."""
+    enc = m.encoder
+    b, c = images.shape[:2]
+    (gh, gw), (ph, pw), d = enc.grid.shape, enc.grid.patch_size, enc.embed_dim
+    patches = images.unfold(2, ph, ph).unfold(3, pw, pw).permute(0, 2, 3, 1, 4, 5).reshape(b, gh * gw, -1)
+    x = patches @ enc.patch_embed.proj.weight.reshape(d, -1).T + enc.patch_embed.proj.bias
+    x = torch.where(masked.unsqueeze(-1), m.mask_token.expand(b, gh * gw, d), x)
+    table = sincos_2d(d, (gh, gw), cls_token=True)  # the class token's row is zeros
+    x = torch.cat([(enc.cls_token + table[0]).expand(b, 1, d), x + table[1:]], dim=1)
+    after = []
+    for blk in enc.blocks:
+        x = blk(x)
+        after.append(x)
+    main = m.lm_head(enc.norm(after[-1])[:, 1:])
+    if m.aggregation is None:
+        return main, None
+    y = torch.cat([after[-1][:, :1], after[early_layers - 1][:, 1:]], dim=1)
+    for blk in m.aggregation.blocks:
+        y = blk(y)
+    return main, m.lm_head(enc.norm(y)[:, 1:])
+
+
+def cross_entropy_by_hand(logits, codes):
+    return -(logits.log_softmax(-1).gather(-1, codes.unsqueeze(-1))).mean()
+
+
 def test_loss_is_cross_entropy_on_hidden_patches_only(vqkd_checkpoint):
     m = beit_v2(vqkd_checkpoint).eval()
     b = batch()
@@ -58,16 +89,53 @@ def test_loss_is_cross_entropy_on_hidden_patches_only(vqkd_checkpoint):
     assert (mask.masked.sum(1) == round(0.38 * 49)).all()  # BEiT v2's exact count
     codes = m.targets(b["image"])
     with torch.no_grad():
-        main, agg = m.logits(b["image"], mask)
+        main, agg = logits_by_hand(m, b["image"], mask.masked, 1)  # 3/4 of 2 blocks, at least 1: after block 1
         out = m(b)
     h = mask.masked
-    expect = F.cross_entropy(main[h], codes[h]) + F.cross_entropy(agg[h], codes[h])
-    assert torch.allclose(out["loss"], expect, atol=1e-5)
+    expect = cross_entropy_by_hand(main[h], codes[h]) + cross_entropy_by_hand(agg[h], codes[h])
+    torch.testing.assert_close(out["loss"], expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["mlm_loss"], cross_entropy_by_hand(main[h], codes[h]), atol=1e-5, rtol=1e-5)
+    assert out["mlm_acc"] == (main[h].argmax(-1) == codes[h]).float().mean()
     # other codes at the visible patches change nothing
     scrambled = torch.where(h, codes, (codes + 7) % m.num_codes)
     m.targets = lambda images: scrambled
     with torch.no_grad():
         assert torch.allclose(m(b)["loss"], out["loss"], atol=1e-6)
+
+
+def test_patch_aggregation_branch_reads_the_last_class_token_and_early_patches_with_shared_norm_and_head(
+        vqkd_checkpoint):
+    m = beit_v2(vqkd_checkpoint, "model.depth=4", "method.early_layers=2").eval()  # BEiT v2: 9 of 12
+    b = batch(8)
+    mask = m.make_mask(b)
+    with torch.no_grad():
+        main, agg = m.logits(b["image"], mask)
+        main_ref, agg_ref = logits_by_hand(m, b["image"], mask.masked, 2)
+    torch.testing.assert_close(main, main_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(agg, agg_ref, atol=1e-5, rtol=1e-5)
+    # the comparison has teeth: the patches after another block give other logits
+    with torch.no_grad():
+        assert not torch.allclose(logits_by_hand(m, b["image"], mask.masked, 3)[1], agg, atol=1e-3)
+    # norm and LM head are shared: the branch owns only its blocks, and the final norm moves both predictions
+    own = {n.split(".")[0] for n, _ in m.named_parameters()}
+    assert own == {"encoder", "mask_token", "lm_head", "aggregation"}
+    assert {n.split(".")[1] for n, _ in m.aggregation.named_parameters()} == set(map(str, range(2)))
+    assert all(n.startswith("blocks.") for n, _ in m.aggregation.named_parameters())
+    with torch.no_grad():
+        m.encoder.norm.bias.add_(0.5)
+        main2, agg2 = m.logits(b["image"], mask)
+    assert not torch.allclose(main2, main) and not torch.allclose(agg2, agg)
+    # the aggregation blocks are dropped with the branch: head_layers=0 leaves the main term alone
+    plain = beit_v2(vqkd_checkpoint, "method.head_layers=0").eval()
+    assert plain.aggregation is None and not any("aggregation" in k for k in plain.state_dict())
+    with torch.no_grad():
+        out = plain(b)
+        main0, _ = logits_by_hand(plain, b["image"], mask.masked, 1)
+    h = mask.masked
+    torch.testing.assert_close(out["loss"], cross_entropy_by_hand(main0[h], plain.targets(b["image"])[h]),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="early_layers=4"):
+        beit_v2(vqkd_checkpoint, "model.depth=4", "method.early_layers=4")
 
 
 def test_tokenizer_loads_without_its_teacher_and_codes_like_the_trained_vqkd(vqkd_checkpoint, tmp_path):

@@ -1,7 +1,9 @@
 import math
 
+import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from mimkit.models import VisionTransformer
 from mimkit.models.pos_embed import sincos_2d
@@ -65,3 +67,26 @@ def test_cls_attention_scores_match_the_analysis_reading_and_the_plain_forward()
     full = attention_maps(vit, x, layers=[1])[0]  # [B, H, T, T]
     assert scores.shape == (3, 16)
     assert torch.allclose(scores, full[:, :, 0, 1:].mean(1), atol=1e-5)
+
+
+def test_smaller_images_get_the_position_table_resampled_to_their_grid():
+    # DINO/iBOT's local crops: a 12 x 12 image at patch 4 is a 3 x 3 grid whose positions span the 7 x 7 table
+    vit = VisionTransformer(28, 4, 1, embed_dim=64, depth=2, num_heads=4)
+    small = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    tokens = vit.embed(small)
+    assert tokens.shape == (2, 9, 64)
+    # by hand: each 4 x 4 patch times the projection, plus the sincos table resampled bicubically (DINO)
+    w, b = vit.patch_embed.proj.weight, vit.patch_embed.proj.bias
+    patches = small.unfold(2, 4, 4).unfold(3, 4, 4).reshape(2, 9, 16)  # raster order, one channel
+    table = sincos_2d(64, (7, 7), cls_token=False).view(1, 7, 7, 64).permute(0, 3, 1, 2)
+    resized = F.interpolate(table, size=(3, 3), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(tokens, patches @ w.view(64, 16).T + b + resized.reshape(1, 9, 64))
+    # the corner tokens' positions are nearer the table's corners than its centre
+    corner, centre = resized[0, 0, 0], table[0, :, 3, 3]
+    assert (corner - table[0, :, 0, 0]).norm() < (corner - centre).norm()
+    # the native size is the plain path, bit for bit, and the whole encoder runs on the small images
+    full = torch.randn(2, 1, 28, 28)
+    assert torch.equal(vit.embed_resized(full), vit.embed(full))
+    assert vit(small).shape == (2, 10, 64)
+    with pytest.raises(ValueError, match="not divisible by patch size"):
+        vit.embed(torch.randn(1, 1, 10, 10))

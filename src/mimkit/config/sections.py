@@ -58,6 +58,8 @@ class DataConfig(Section):
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="held-out share for the fixed-mask MIM val loss")
     split_seed: int = 0
     limit: int | None = Field(None, ge=1, description="use N training images: a fixed seeded subset taken after the val split (quick runs)")
+    val_limit: int | None = Field(None, ge=1, description="score the val loss on the first N held-out images (a fixed seeded "
+                                  "subset); unset: all of them, or at most data.limit when that is set")
     mean: list[float] | None = None
     std: list[float] | None = None
     stats_samples: int = Field(2000, ge=1, description="images sampled to compute mean/std when not given")

@@ -8,6 +8,10 @@ Split and subset rules (all deterministic, independent of run seed, worker count
   one when val_fraction > 0) into ``val``; the rest is the training part.
 * ``data.limit`` keeps the first N images of the training part *in that permuted order* (a random but
   fixed subset, so a small limit still covers all classes); indices are then sorted.
+* ``data.val_limit`` keeps the first N held-out images in the same way; unset, it is ``data.limit`` when that
+  is set (a quick run should not spend 60x its training forwards on the val loss: 3,000 Fashion-MNIST images
+  against 48), else all. The held-out pool itself never depends on either limit, so a smaller val set is a
+  subset of the larger one and no training image can enter it.
 * Mean/std, when not given, are computed on ``data.stats_samples`` training images chosen by a seeded
   permutation (``split_seed``), with the eval transform (no augmentation): per-channel mean and population
   std over all pixels, accumulated in float64.
@@ -127,8 +131,8 @@ def make_source(cfg: DataConfig, split: str, report: DataReport):
     raise DataError(f"data.source={cfg.source!r} is not supported")
 
 
-def split_indices(n: int, val_fraction: float, split_seed: int, limit: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def split_indices(n: int, val_fraction: float, split_seed: int, limit: int | None = None,
+                  val_limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, val) index tensors, sorted; see the module docs for the rules."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
@@ -145,7 +149,16 @@ def split_indices(n: int, val_fraction: float, split_seed: int, limit: int | Non
         if limit < 1:
             raise DataError(f"data.limit must be >= 1, got {limit}")
         train = train[:limit]
+    if val_limit is not None:
+        if val_limit < 1:
+            raise DataError(f"data.val_limit must be >= 1, got {val_limit}")
+        val = val[:val_limit]
     return train.sort().values, val.sort().values
+
+
+def held_out_cap(cfg: DataConfig) -> int | None:
+    """How many held-out images the val loss uses: data.val_limit, else data.limit, else all (None)."""
+    return cfg.val_limit if cfg.val_limit is not None else cfg.limit
 
 
 def _check_norm(cfg_mean, cfg_std, channels: int) -> tuple[list[float], list[float]]:
@@ -227,7 +240,8 @@ def build_pretrain_data(cfg: DataConfig, report_dir: str | Path | None = None) -
     channels = int(source.channels)
     if len(source) < 2 and cfg.val_fraction > 0:
         _refuse_single_image(cfg, source, report)
-    train_idx, val_idx = split_indices(len(source), cfg.val_fraction, cfg.split_seed, cfg.limit)
+    train_idx, val_idx = split_indices(len(source), cfg.val_fraction, cfg.split_seed, cfg.limit,
+                                       held_out_cap(cfg))
     if cfg.mean is not None:
         mean, std = _check_norm(cfg.mean, cfg.std, channels)
     else:

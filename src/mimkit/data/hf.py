@@ -454,8 +454,10 @@ def build_streaming_data(cfg, report_dir: str | None, report, size, train_transf
     train = StreamingMIMDataset(train_part, train_transform_factory(mean, std), channels, cfg.channels is not None,
                                 cfg.on_error, report_dir, report)
     if n_val:
-        val_src = stream.head(0, n_val, channels)
-        val = MIMDataset(val_src, torch.arange(n_val), eval_transform_factory(mean, std), cfg.on_error, report_dir,
+        cap = cfg.val_limit if cfg.val_limit is not None else cfg.limit  # as data.build.held_out_cap
+        n_scored = n_val if cap is None else min(n_val, cap)
+        val_src = stream.head(0, n_scored, channels)
+        val = MIMDataset(val_src, torch.arange(n_scored), eval_transform_factory(mean, std), cfg.on_error, report_dir,
                          report)
     else:
         val = MIMDataset(first, torch.arange(0), eval_transform_factory(mean, std), cfg.on_error, report_dir, report)

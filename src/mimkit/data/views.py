@@ -3,7 +3,8 @@ augmentations): a DINO/BYOL-style photometric pipeline for any channel count, ev
 
 A method asks for views with the classmethod `Method.view_specs(method_cfg) -> list[ViewSpec]`; the trainer then
 gives the training set a `MultiViewTransform` and every batch carries `batch["views"]`: a list of
-Float[B, C, H, W], one per spec, all at the training size. View 0 uses the sample seed itself for its crop, so it
+Float[B, C, H, W], one per spec, at the spec's `size` (default: the training size; DINO/iBOT's local crops are
+smaller). View 0 uses the sample seed itself for its crop, so it
 is the crop the plain pipeline would take (photometric changes aside) and `batch["image"]` is view 0. Validation
 and picture batches have no "views": methods use `batch["image"]` for every view there.
 
@@ -44,6 +45,8 @@ class ViewSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     crop_scale: CropScale = Field((0.2, 1.0), description="RandomResizedCrop area range")
+    size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="(height, width) of the view in pixels; None: the training size")
     hflip: bool = True
     jitter_p: float = Field(0.0, ge=0, le=1, description="probability of colour jitter")
     brightness: float = Field(0.4, ge=0)
@@ -63,9 +66,11 @@ def byol_views() -> list[ViewSpec]:
     return [ViewSpec(**common, blur_p=1.0), ViewSpec(**common, blur_p=0.1, solarize_p=0.2)]
 
 
-def adjust(img: torch.Tensor, spec: ViewSpec, g: torch.Generator) -> torch.Tensor:
+def adjust(img: torch.Tensor, spec: ViewSpec, g: torch.Generator, blur_side: int | None = None) -> torch.Tensor:
     """The photometric steps of `spec` on a float [C, H, W] image in [0, 1]; draws from `g` in a fixed order
-    (every draw is made whether or not its step applies, so one step's outcome never shifts another's)."""
+    (every draw is made whether or not its step applies, so one step's outcome never shifts another's).
+    `blur_side`: the side the blur sigma is scaled by (/ 224), default the image's own; views smaller than the
+    training size pass the training size, so, as in DINO, a local crop is blurred with the global crops' sigma."""
     u = torch.rand(12, generator=g, dtype=torch.float64).tolist()
     c = img.shape[0]
     x = img
@@ -85,7 +90,7 @@ def adjust(img: torch.Tensor, spec: ViewSpec, g: torch.Generator) -> torch.Tenso
         x = _luma(x).expand_as(x).clone()
     if u[6] < spec.blur_p:
         lo, hi = spec.blur_sigma
-        scale = max(x.shape[-2:]) / 224
+        scale = (blur_side or max(x.shape[-2:])) / 224
         x = _blur(x, (lo + (hi - lo) * u[7]) * scale)
     if u[8] < spec.solarize_p:
         x = torch.where(x >= 0.5, 1 - x, x)
@@ -124,15 +129,17 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 class MultiViewTransform:
-    """One image -> {"image": view 0, "views": [view 0, view 1, ...]}, all normalised to (mean, std)."""
+    """One image -> {"image": view 0, "views": [view 0, view 1, ...]}, all normalised to (mean, std); each view
+    at its spec's size, else `size`."""
 
     def __init__(self, size: tuple[int, int], specs: list[ViewSpec], crop_ratio=(3 / 4, 4 / 3), mean=None, std=None):
         if not specs:
             raise ValueError("MultiViewTransform needs at least one ViewSpec")
         self.specs = list(specs)
         # crops without normalisation: photometric steps work on [0, 1] values
-        self.crops = [TrainTransform(size, s.crop_scale, crop_ratio, s.hflip) for s in self.specs]
+        self.crops = [TrainTransform(s.size or size, s.crop_scale, crop_ratio, s.hflip) for s in self.specs]
         self.normalize = Normalize(mean, std) if mean is not None else None
+        self.blur_side = max(int(size[0]), int(size[1]))
 
     @staticmethod
     def view_seed(seed: int, k: int) -> int:
@@ -142,7 +149,7 @@ class MultiViewTransform:
         views = []
         for k, (spec, crop) in enumerate(zip(self.specs, self.crops)):
             s = self.view_seed(seed, k)
-            x = adjust(crop(img, s), spec, rng.generator(s, VIEW_STREAM))
+            x = adjust(crop(img, s), spec, rng.generator(s, VIEW_STREAM), self.blur_side)
             views.append(self.normalize(x) if self.normalize is not None else x)
         return {"image": views[0], "views": views}
 

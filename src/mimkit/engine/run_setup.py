@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from mimkit.config import ConfigError, PretrainConfig, to_yaml
+from mimkit.data.build import fit_batch_to_data
 from mimkit.engine import checkpoint as ckpt_io
 from mimkit.engine import state as train_state
 from mimkit.engine.callbacks import default_callbacks
@@ -88,8 +89,17 @@ def _prepare_in(loop: Loop, cfg: PretrainConfig, ckpt_path, ckpt, data, method) 
     if specs:  # methods that compare augmented views get them from the loader
         data = data.with_views(specs, cfg.data.crop_ratio)
     loop.data = data
-    loop.resolved = resolved = resolved_config(cfg, run_dir, data)
     n_train = len(data.train)
+    if ckpt is None and n_train < oc.batch_size:
+        # a small folder of photos just trains: one step per epoch of every image there is, and the run says so
+        # (the lowered batch is what config.yaml and the checkpoint record, so a resume keeps it)
+        fitted, note = fit_batch_to_data(oc.batch_size, n_train, loop.world * oc.accumulate)
+        if fitted is not None:
+            cfg = cfg.model_copy(update={"optim": oc.model_copy(update={"batch_size": fitted})})
+            loop.cfg, oc = cfg, cfg.optim
+            loop.micro = fitted // (loop.world * oc.accumulate)
+            loop.print(note)
+    loop.resolved = resolved = resolved_config(cfg, run_dir, data)
     loop.steps_per_epoch = n_train // oc.batch_size
     if loop.steps_per_epoch < 1:
         raise ConfigError(

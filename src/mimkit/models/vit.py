@@ -19,6 +19,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block
@@ -160,8 +161,25 @@ class VisionTransformer(nn.Module):
         )
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch tokens with position embeddings: [B, N, D]."""
-        return self.patch_embed(images) + self.pos_embed[:, 1:, :]
+        """Patch tokens with position embeddings: [B, N, D]. Images of another size (a multiple of the patch
+        size: DINO/iBOT's local crops) get the position table resampled bicubically to their grid, as DINO's
+        interpolate_pos_encoding, so a small view spans the same positions as the full image."""
+        if tuple(images.shape[-2:]) == self.grid.img_size:
+            return self.patch_embed(images) + self.pos_embed[:, 1:, :]
+        return self.embed_resized(images)
+
+    def embed_resized(self, images: torch.Tensor) -> torch.Tensor:
+        """`embed` for images of any size that the patch size divides: [B, h * w, D] for an h x w patch grid."""
+        (ph, pw), (gh, gw) = self.grid.patch_size, self.grid.shape
+        height, width = images.shape[-2:]
+        if height % ph or width % pw:
+            raise ValueError(f"image size {(height, width)} is not divisible by patch size {(ph, pw)}")
+        h, w = height // ph, width // pw
+        tokens = self.patch_embed.norm(self.patch_embed.proj(images).flatten(2).transpose(1, 2))
+        table = self.pos_embed[:, 1:, :].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        if (h, w) != (gh, gw):
+            table = F.interpolate(table.float(), size=(h, w), mode="bicubic", align_corners=False).to(table.dtype)
+        return tokens + table.permute(0, 2, 3, 1).reshape(1, h * w, -1)
 
     def _with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(tokens.shape[0], -1, -1)
