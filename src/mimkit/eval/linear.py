@@ -1,7 +1,7 @@
 """Linear probe (MAE's protocol: BatchNorm1d without affine + Linear) on cached frozen features.
 
 A sweep over learning rates is trained in one pass: one shared BatchNorm (it has no parameters) feeds one
-Linear head per learning rate, all on the same batches. The head is chosen on a validation split carved
+linear head per learning rate (stacked in one tensor), all on the same batches. The head is chosen on a validation split carved
 from the training features; the test split is only used to score the chosen head.
 """
 
@@ -30,25 +30,35 @@ def carve_val(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[tor
 
 
 class MultiLinearProbe(nn.Module):
-    """BatchNorm1d(affine=False) shared by `heads` Linear(dim -> classes) heads: logits [H, B, C]."""
+    """BatchNorm1d(affine=False) shared by `heads` linear heads (dim -> classes): logits [H, B, C].
+
+    The heads are stacked in one weight [H, C, D] and one bias [H, C], so a step is one matmul and one update
+    whatever the number of learning rates (eight separate heads spent most of a step in dispatch)."""
 
     def __init__(self, dim: int, num_classes: int, heads: int):
         super().__init__()
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-        self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(heads))
-        for h in self.heads:
-            nn.init.trunc_normal_(h.weight, std=0.01)
-            nn.init.zeros_(h.bias)
+        self.weight = nn.Parameter(torch.empty(heads, num_classes, dim))
+        self.bias = nn.Parameter(torch.zeros(heads, num_classes))
+        nn.init.trunc_normal_(self.weight, std=0.01)
+
+    @property
+    def num_heads(self) -> int:
+        return self.weight.shape[0]
+
+    def logits_per_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, C], contiguous (what the training loss reads)."""
+        h, c, d = self.weight.shape
+        return torch.addmm(self.bias.reshape(-1), self.bn(x), self.weight.reshape(h * c, d).t()).view(-1, h, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.bn(x)
-        return torch.stack([h(z) for h in self.heads])
+        return self.logits_per_sample(x).transpose(0, 1)
 
 
 @torch.no_grad()
 def _accuracies(model: MultiLinearProbe, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> torch.Tensor:
     model.eval()
-    correct = torch.zeros(len(model.heads))
+    correct = torch.zeros(model.num_heads)
     for s in range(0, x.shape[0], batch):
         correct += (model(x[s:s + batch]).argmax(-1) == y[s:s + batch]).sum(1).float()
     return correct / max(1, x.shape[0])
@@ -56,23 +66,33 @@ def _accuracies(model: MultiLinearProbe, x: torch.Tensor, y: torch.Tensor, batch
 
 def train_linear_sweep(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs=DEFAULT_LRS, epochs: int = 30,
                        batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0) -> MultiLinearProbe:
-    """One head per lr, SGD (momentum 0.9) with a cosine schedule, all heads on the same shuffled batches."""
+    """One head per lr, SGD (momentum 0.9) with a cosine schedule, all heads on the same shuffled batches.
+
+    The update is torch.optim.SGD's (weight decay added to the gradient, the momentum buffer starting at the
+    first gradient, p -= lr * buffer) with a per-head lr: written out here because the heads share one tensor,
+    and checked against one torch.optim.SGD per head in tests/eval/test_linear.py."""
     torch.manual_seed(seed)
     x, y = x.float(), y.long()
     model = MultiLinearProbe(x.shape[1], num_classes, len(lrs))
-    groups = [{"params": h.parameters(), "lr": float(lr)} for h, lr in zip(model.heads, lrs)]
-    opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
+    head_lr = torch.tensor([float(lr) for lr in lrs])
+    params = (model.weight, model.bias)
+    lr_shape = ((-1, 1, 1), (-1, 1))
+    buffers: list[torch.Tensor | None] = [None, None]
     steps = epochs * math.ceil(x.shape[0] / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(1, steps))))
     model.train()
-    for idx in shuffled_batches(x.shape[0], batch_size, epochs, seed):
-        logits = model(x[idx])
-        # sum over heads: each head's gradient is its own loss's gradient
-        loss = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(len(lrs)), reduction="mean") * len(lrs)
-        opt.zero_grad(set_to_none=True)
+    for t, idx in enumerate(shuffled_batches(x.shape[0], batch_size, epochs, seed)):
+        logits = model.logits_per_sample(x[idx])
+        # the sum over heads: each head's gradient is its own mean loss's gradient
+        loss = F.cross_entropy(logits.reshape(-1, num_classes), y[idx].repeat_interleave(len(lrs))) * len(lrs)
+        for p in params:
+            p.grad = None
         loss.backward()
-        opt.step()
-        sched.step()
+        scale = 0.5 * (1 + math.cos(math.pi * t / max(1, steps)))  # cosine, as LambdaLR at step t
+        with torch.no_grad():
+            for i, (p, shape) in enumerate(zip(params, lr_shape)):
+                g = p.grad if weight_decay == 0 else p.grad.add(p, alpha=weight_decay)
+                buffers[i] = g.clone() if buffers[i] is None else buffers[i].mul_(0.9).add_(g)
+                p.sub_(buffers[i] * (head_lr * scale).view(shape))
     return model.eval()
 
 
