@@ -151,8 +151,11 @@ def flops_per_image(cfg, data) -> float:
     from torch.utils.data import default_collate
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mimkit.methods import build_method
+    from mimkit.methods import build_method, method_class
 
+    specs = method_class(cfg.method.name).view_specs(cfg.method)
+    if specs:  # the augmented views the trainer's loader would give (iBOT, ...)
+        data = data.with_views(specs, cfg.data.crop_ratio)
     method = build_method(cfg, tuple(data.img_size), int(data.channels)).train()
     method.prepare(data.train, cfg.trainer.seed)
     n = min(16, len(data.train))
@@ -213,7 +216,10 @@ def one(args) -> int:
             row.update(s_per_step_calibrated=mine, mae_s_per_step_calibrated=ref)
         cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": epochs, "max_steps": None})})
         row.update(recipe=str(recipe.relative_to(ROOT)), overrides=variant, wiring=wiring, epochs=epochs)
-        row["flops_per_image"] = flops_per_image(cfg, data)
+        try:
+            row["flops_per_image"] = flops_per_image(cfg, data)
+        except Exception as err:  # a cost figure: its failure is recorded, the row still trains
+            row["flops_per_image"], row["flops_error"] = None, f"{type(err).__name__}: {err}"[:300]
         t = time.perf_counter()
         res = train(cfg, data=data, resume="auto")  # a row cut short continues from its checkpoint
         row["train_wall_s"] = time.perf_counter() - t

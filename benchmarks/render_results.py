@@ -31,6 +31,14 @@ TARGETS = {
         ("kNN above random init", "pretrained", "knn@1", "random_init", "knn@1", 0.0),
         ("linear probe above raw pixels", "pretrained", "linear@1", "raw_pixels", "linear@1", 0.0),
     ],
+    "long": [
+        ("linear probe >= 87%", "pretrained", "linear@1", None, "linear@1", 0.87),
+        ("linear probe >= raw pixels + 2", "pretrained", "linear@1", "raw_pixels", "linear@1", 0.02),
+        ("kNN >= raw pixels' kNN", "pretrained", "knn@1", "raw_pixels", "knn@1", 0.0),
+        ("linear probe above random init", "pretrained", "linear@1", "random_init", "linear@1", 0.0),
+        ("1%-label fine-tune above from scratch", "pretrained", "finetune@0.01", "random_init", "finetune@0.01", 0.0),
+        ("10%-label fine-tune above from scratch", "pretrained", "finetune@0.1", "random_init", "finetune@0.1", 0.0),
+    ],
 }
 
 

@@ -69,6 +69,13 @@ GRIDS: dict[str, dict[str, list[str]]] = {
         "tiny-d6-p7-e3-mask60": ["model.encoder=vit_tiny", "model.depth=6", "model.patch_size=7", "optim.epochs=3",
                                  "method.mask_ratio=0.6"],
     },
+    # learning rate and mask ratio around round2's b128 row (the demo recipe at 3 epochs)
+    "round3": {
+        "tiny-d6-p7-e3-b128-blr4e-3": ["model.encoder=vit_tiny", "model.depth=6", "model.patch_size=7",
+                                       "optim.epochs=3", "optim.batch_size=128", "optim.base_lr=4e-3"],
+        "tiny-d6-p7-e3-b128-mask60": ["model.encoder=vit_tiny", "model.depth=6", "model.patch_size=7",
+                                      "optim.epochs=3", "optim.batch_size=128", "method.mask_ratio=0.6"],
+    },
 }
 
 
@@ -141,11 +148,11 @@ def show(grid: str) -> None:
               f"{m['knn_val']:.3f}/{mm['knn_val']:.3f} ({u['knn_val']:.3f}/{um['knn_val']:.3f})")
 
 
-EVIDENCE_CELLS = ["knn@1", "linear@1", "linear@0.01", "finetune@0.01"]
 
 
-def run_evidence(recipe: str, run_dir: Path, cells: list[str], overrides: list[str]) -> Path:
-    """The label table of one finished run (pretrained / random init / raw pixels), written as JSON."""
+def run_evidence(recipe: str, run_dir: Path, cells: list[str] | None, overrides: list[str]) -> Path:
+    """The label table of one finished run (pretrained / random init / raw pixels), written as JSON; `cells`
+    None: the run's own eval.label_cells (its recipe's)."""
     out = RESULTS / "evidence" / recipe / f"{run_dir.name}.json"
     if out.exists():
         return out
@@ -154,7 +161,9 @@ def run_evidence(recipe: str, run_dir: Path, cells: list[str], overrides: list[s
     progress = ckpt["progress"]
     if progress["global_step"] < progress.get("total_steps", progress["global_step"]):
         raise SystemExit(f"{run_dir}: the run has not finished")
-    cfg = apply_overrides(cfg, [f"eval.label_cells={json.dumps(cells)}", *overrides])
+    if cells:
+        cfg = apply_overrides(cfg, [f"eval.label_cells={json.dumps(cells)}"])
+    cfg = apply_overrides(cfg, list(overrides))
     start = time.perf_counter()
     table = baseline_table(encoder, cfg, ckpt["data"]["mean"], ckpt["data"]["std"])
     payload = {
@@ -180,14 +189,16 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", choices=sorted(GRIDS))
     ap.add_argument("--recipe", help="evidence: the recipe's name (the results folder)")
     ap.add_argument("--runs", nargs="*", default=[], help="evidence: finished run folders")
-    ap.add_argument("--cells", default=",".join(EVIDENCE_CELLS), help="evidence: protocol@fraction cells")
+    ap.add_argument("--cells", default=None, help="evidence: protocol@fraction cells (default: the run's own "
+                    "eval.label_cells)")
     ap.add_argument("overrides", nargs="*", default=[], help="evidence: eval.* overrides")
     ap.add_argument("--trials", default=None, help="comma-separated subset of the grid's trials")
     ap.add_argument("--seeds", default="0", help="comma-separated pretraining seeds")
     args = ap.parse_args(argv)
     if args.command == "evidence":
         for run in args.runs:
-            print(run_evidence(args.recipe, Path(run), args.cells.split(","), args.overrides), flush=True)
+            cells = args.cells.split(",") if args.cells else None
+            print(run_evidence(args.recipe, Path(run), cells, args.overrides), flush=True)
         return 0
     if args.grid is None:
         ap.error("--grid is required for search and show")
